@@ -1,0 +1,88 @@
+//! The command producer. Idempotent (`enable.idempotence=true`, hence `acks=all`): a send
+//! resolves only after every in-sync replica has the record, and librdkafka's own retries
+//! never duplicate or reorder it within a partition.
+
+use std::time::Duration;
+
+use memos_runtime::config::KafkaConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+
+use crate::client::base_config;
+
+/// Where the broker stored a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Why a record was not appended.
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    /// The broker refused the record for its size; retrying cannot help.
+    #[error("record too large for the broker: {0}")]
+    TooLarge(KafkaError),
+    /// The broker could not be reached or did not acknowledge in time; a retry may succeed.
+    #[error("broker did not acknowledge: {0}")]
+    Unavailable(KafkaError),
+}
+
+#[derive(Clone)]
+pub struct CommandProducer {
+    inner: FutureProducer,
+}
+
+impl CommandProducer {
+    pub fn new(kafka: &KafkaConfig) -> anyhow::Result<Self> {
+        let mut config = base_config(kafka, "producer");
+        config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", "lz4")
+            .set("linger.ms", "2")
+            .set("delivery.timeout.ms", kafka.delivery_timeout.as_millis().to_string());
+        for (key, value) in &kafka.properties {
+            config.set(key, value);
+        }
+        Ok(CommandProducer { inner: config.create()? })
+    }
+
+    /// Appends one record and waits for the broker's acknowledgement.
+    pub async fn send(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        headers: &[(&str, &str)],
+    ) -> Result<Delivered, ProduceError> {
+        let headers = headers.iter().fold(OwnedHeaders::new(), |h, (key, value)| {
+            h.insert(Header { key, value: Some(value.as_bytes()) })
+        });
+        let record = FutureRecord::to(topic).key(key).payload(payload).headers(headers);
+        match self.inner.send(record, Timeout::Never).await {
+            Ok(delivery) => Ok(Delivered { partition: delivery.partition, offset: delivery.offset }),
+            Err((e, _)) => Err(classify(e)),
+        }
+    }
+
+    /// Waits until every record in flight is acknowledged (graceful shutdown).
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.inner.flush(timeout)
+    }
+
+    /// Records waiting in librdkafka's queue.
+    pub fn in_flight(&self) -> i32 {
+        self.inner.in_flight_count()
+    }
+}
+
+fn classify(e: KafkaError) -> ProduceError {
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::MessageSizeTooLarge)
+        | Some(RDKafkaErrorCode::InvalidMessageSize) => ProduceError::TooLarge(e),
+        _ => ProduceError::Unavailable(e),
+    }
+}

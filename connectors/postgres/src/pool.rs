@@ -1,0 +1,20 @@
+//! Connection pool and schema migrations.
+
+use memos_runtime::config::PostgresConfig;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+/// Opens a pool; fails fast when the server does not answer within the acquire timeout.
+pub async fn connect(config: &PostgresConfig) -> Result<PgPool, sqlx::Error> {
+    PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(config.acquire_timeout)
+        .connect(config.url.expose())
+        .await
+}
+
+/// Applies pending migrations. Safe to call from several processes at once: sqlx serializes
+/// them with an advisory lock.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    sqlx::migrate!("./migrations").run(pool).await
+}

@@ -1,0 +1,160 @@
+//! Every released schema version, found by fingerprint, and the current reader schema of each
+//! command. A record written with any released version resolves (Avro schema resolution) to
+//! the current reader schema; a fingerprint that is not here is an unknown schema, never a
+//! guess.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use apache_avro::Schema;
+use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::writer::datum::GenericDatumWriter;
+
+use crate::fingerprint::schema_fingerprint;
+use crate::single_object::{self, FramingError};
+
+/// The commands that memOS topics carry, one Avro record type each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CommandKind {
+    WriteMemory,
+}
+
+impl CommandKind {
+    /// The Avro full name of the record type.
+    pub fn full_name(self) -> &'static str {
+        match self {
+            CommandKind::WriteMemory => "memos.memory.WriteMemory",
+        }
+    }
+}
+
+/// One released schema version as it is kept in `schemas/avro/`.
+pub struct Released {
+    pub kind: CommandKind,
+    pub version: u32,
+    pub json: &'static str,
+}
+
+/// Every released version, oldest first. Never remove or edit an entry: records written with
+/// it live in the log forever.
+pub const RELEASED: &[Released] = &[Released {
+    kind: CommandKind::WriteMemory,
+    version: 1,
+    json: include_str!("../avro/memory/WriteMemory.v1.avsc"),
+}];
+
+/// A parsed released schema.
+pub struct Entry {
+    pub kind: CommandKind,
+    pub version: u32,
+    pub fingerprint: u64,
+    pub schema: Schema,
+}
+
+/// Released schemas by fingerprint, plus the newest (reader) version of each kind.
+pub struct Registry {
+    by_fingerprint: HashMap<u64, Entry>,
+    current: HashMap<CommandKind, u64>,
+}
+
+/// Why a record could not be turned into a command.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not a single-object Avro record: {0}")]
+    Framing(#[from] FramingError),
+    #[error("unknown writer schema fingerprint {0:#018x}")]
+    UnknownSchema(u64),
+    #[error("Avro body does not match its writer schema {schema}: {message}")]
+    Malformed { schema: &'static str, message: String },
+    #[error("{0}")]
+    Invalid(#[from] crate::memory::ValidationError),
+}
+
+impl DecodeError {
+    /// A stable, low-cardinality class for metrics and dead-letter headers.
+    pub fn class(&self) -> &'static str {
+        match self {
+            DecodeError::Framing(_) => "not_avro",
+            DecodeError::UnknownSchema(_) => "unknown_schema",
+            DecodeError::Malformed { .. } => "malformed",
+            DecodeError::Invalid(_) => "invalid",
+        }
+    }
+}
+
+/// The registry compiled from [`RELEASED`].
+pub fn registry() -> &'static Registry {
+    static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
+        let mut by_fingerprint = HashMap::new();
+        let mut current: HashMap<CommandKind, (u32, u64)> = HashMap::new();
+        for released in RELEASED {
+            let schema = Schema::parse_str(released.json).unwrap_or_else(|e| {
+                panic!("released schema {:?} v{} does not parse: {e}", released.kind, released.version)
+            });
+            let fingerprint = schema_fingerprint(&schema);
+            let newest = current.entry(released.kind).or_insert((0, fingerprint));
+            if released.version >= newest.0 {
+                *newest = (released.version, fingerprint);
+            }
+            by_fingerprint.insert(
+                fingerprint,
+                Entry { kind: released.kind, version: released.version, fingerprint, schema },
+            );
+        }
+        Registry {
+            by_fingerprint,
+            current: current.into_iter().map(|(k, (_, fp))| (k, fp)).collect(),
+        }
+    });
+    &REGISTRY
+}
+
+impl Registry {
+    /// The released schema with this fingerprint.
+    pub fn get(&self, fingerprint: u64) -> Option<&Entry> {
+        self.by_fingerprint.get(&fingerprint)
+    }
+
+    /// The newest released version of `kind`: what this build writes and reads into.
+    pub fn current(&self, kind: CommandKind) -> &Entry {
+        &self.by_fingerprint[&self.current[&kind]]
+    }
+
+    /// Frames `value` with the current schema of `kind`.
+    pub fn encode<T: serde::Serialize>(
+        &self,
+        kind: CommandKind,
+        value: &T,
+    ) -> Result<Vec<u8>, apache_avro::Error> {
+        let entry = self.current(kind);
+        let body = GenericDatumWriter::builder(&entry.schema).build()?.write_ser_to_vec(value)?;
+        Ok(single_object::encode(entry.fingerprint, &body))
+    }
+
+    /// Reads a framed record into the current reader schema of its kind.
+    pub fn decode_value(
+        &self,
+        bytes: &[u8],
+    ) -> Result<(CommandKind, apache_avro::types::Value), DecodeError> {
+        let (fingerprint, mut body) = single_object::decode(bytes)?;
+        let writer = self.get(fingerprint).ok_or(DecodeError::UnknownSchema(fingerprint))?;
+        let reader = self.current(writer.kind);
+        let malformed = |e: apache_avro::Error| DecodeError::Malformed {
+            schema: writer.kind.full_name(),
+            message: e.to_string(),
+        };
+        let value = GenericDatumReader::builder(&writer.schema)
+            .reader_schema(&reader.schema)
+            .build()
+            .map_err(malformed)?
+            .read_value(&mut body)
+            .map_err(malformed)?;
+        if !body.is_empty() {
+            return Err(DecodeError::Malformed {
+                schema: writer.kind.full_name(),
+                message: format!("{} trailing bytes after the record", body.len()),
+            });
+        }
+        Ok((writer.kind, value))
+    }
+}

@@ -1,0 +1,16 @@
+//! The HTTP API: validates and appends commands, serves the views.
+//!
+//! Guarantee (durable before acknowledged): a write answers `202` only after the broker
+//! acknowledged the append with `acks=all`; the answer carries the command id and the
+//! record's partition and offset. Every error is a JSON body `{code, message, field?}` with a
+//! 4xx or 5xx status; database and broker internals never reach the client.
+//!
+//! - [`error`]: the error body and its status codes.
+//! - [`memories`]: memory commands and memory queries.
+//! - [`server`]: the router, the listener and graceful shutdown.
+
+pub mod error;
+pub mod memories;
+pub mod server;
+
+pub use server::{Api, AppState};

@@ -1,0 +1,110 @@
+//! The router, the listener and graceful shutdown. [`Api::bind`] binds first (port 0 works
+//! for tests) and exposes the bound address; [`Api::run_until_stopped`] serves until the
+//! token is cancelled, then stops taking requests, lets the ones in flight finish, and
+//! flushes the producer.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use memos_kafka::CommandProducer;
+use memos_redis::HotViews;
+use memos_runtime::Config;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ApiError;
+use crate::memories;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub producer: CommandProducer,
+    pub pool: PgPool,
+    pub hot: HotViews,
+}
+
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/memories", post(memories::write))
+        .route("/memories/{id}", get(memories::get))
+        .route("/agents/{agent}/memories", get(memories::list))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(DefaultBodyLimit::max(state.config.http.max_body_bytes))
+        .with_state(state)
+}
+
+/// Checks the bearer token when one is configured.
+async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if let Some(token) = &state.config.http.api_token {
+        let presented = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if presented != Some(token.expose()) {
+            return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token")
+                .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Per-dependency readiness: 200 when PostgreSQL and Redis answer, 503 otherwise.
+async fn ready(State(state): State<AppState>) -> Response {
+    let postgres = sqlx::query("SELECT 1").execute(&state.pool).await.map(|_| ()).map_err(|e| e.to_string());
+    let redis = state.hot.ping().await.map_err(|e| e.to_string());
+    let status = |r: &Result<(), String>| match r {
+        Ok(_) => "ok".to_owned(),
+        Err(e) => format!("error: {e}"),
+    };
+    let code = if postgres.is_ok() && redis.is_ok() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = serde_json::json!({ "postgres": status(&postgres), "redis": status(&redis) });
+    (code, Json(body)).into_response()
+}
+
+pub struct Api {
+    listener: TcpListener,
+    router: Router,
+    producer: CommandProducer,
+}
+
+impl Api {
+    pub async fn bind(state: AppState) -> std::io::Result<Api> {
+        let listener = TcpListener::bind(state.config.http.bind).await?;
+        let producer = state.producer.clone();
+        Ok(Api { listener, router: router(state), producer })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> std::io::Result<()> {
+        tracing::info!(addr = %self.local_addr(), "api listening");
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await?;
+        let producer = self.producer;
+        tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10)))
+            .await
+            .ok()
+            .and_then(Result::err)
+            .inspect(|e| tracing::warn!(error = %e, "producer flush incomplete"));
+        tracing::info!("api stopped");
+        Ok(())
+    }
+}

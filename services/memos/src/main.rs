@@ -1,0 +1,104 @@
+//! `memos`: the server binary. `memos run all` runs the API and the projector in one process;
+//! `memos run api` and `memos run projector` run one role each. Configuration is described in
+//! `memos_runtime::config`.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use memos_api::{Api, AppState};
+use memos_kafka::CommandProducer;
+use memos_kafka::admin::{ensure_topics, memory_topics};
+use memos_projector::Projector;
+use memos_redis::HotViews;
+use memos_runtime::{Config, shutdown, telemetry};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "memos", version, about = "memOS: event-sourced memory for AI agents")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one role, or all of them in one process.
+    Run {
+        #[arg(value_enum, default_value_t = Role::All)]
+        role: Role,
+    },
+    /// Create the memOS topics that do not exist yet.
+    CreateTopics,
+    /// Apply pending PostgreSQL migrations.
+    Migrate,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Role {
+    All,
+    Api,
+    Projector,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = Arc::new(Config::load().context("invalid configuration")?);
+    telemetry::init();
+    match cli.command {
+        Command::Run { role } => run(config, role).await,
+        Command::CreateTopics => ensure_topics(&config.kafka, &memory_topics(&config.topics)).await,
+        Command::Migrate => {
+            let pool = memos_postgres::connect(&config.postgres).await.context("cannot connect to PostgreSQL")?;
+            memos_postgres::migrate(&pool).await.context("migration failed")
+        }
+    }
+}
+
+async fn run(config: Arc<Config>, role: Role) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    shutdown::cancel_on_signal(shutdown.clone());
+
+    if config.topics.create {
+        ensure_topics(&config.kafka, &memory_topics(&config.topics))
+            .await
+            .context("cannot create topics (is Kafka up at kafka.brokers?)")?;
+    }
+    let pool = memos_postgres::connect(&config.postgres).await.context("cannot connect to PostgreSQL")?;
+    memos_postgres::migrate(&pool).await.context("migration failed")?;
+    let hot = HotViews::connect(config.redis.url.expose(), &config.redis.key_prefix, config.redis.memory_ttl)
+        .await
+        .context("cannot connect to Redis")?;
+    let producer = CommandProducer::new(&config.kafka).context("cannot create the Kafka producer")?;
+
+    let projector = if role != Role::Api {
+        let projector = Projector::new(&config, pool.clone(), hot.clone(), producer.clone())?;
+        let thread = projector.spawn(shutdown.child_token());
+        // If the projector thread ends on its own, stop the whole process.
+        let stop = shutdown.clone();
+        Some(tokio::task::spawn_blocking(move || {
+            let result = thread.join();
+            stop.cancel();
+            result
+        }))
+    } else {
+        None
+    };
+
+    if role != Role::Projector {
+        let state = AppState { config: config.clone(), producer: producer.clone(), pool, hot };
+        let api = Api::bind(state).await.with_context(|| format!("cannot bind {}", config.http.bind))?;
+        api.run_until_stopped(shutdown.clone()).await?;
+    } else {
+        shutdown.cancelled().await;
+    }
+    shutdown.cancel();
+    if let Some(projector) = projector {
+        if projector.await?.is_err() {
+            anyhow::bail!("projector thread panicked");
+        }
+    }
+    tracing::info!("memos stopped");
+    Ok(())
+}

@@ -1,0 +1,175 @@
+//! One unit of projector work, as plain functions a test can drive step by step:
+//! [`prepare`] decodes and validates (pure), [`dead_letter`] copies what cannot be applied to
+//! the dead-letter topic, [`apply`] writes the views and the next offsets in one transaction,
+//! [`cache`] copies what was applied to Redis after the commit.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, TimeZone, Utc};
+use memos_kafka::dlq::{self, DeadLetter};
+use memos_kafka::{CommandProducer, ProduceError};
+use memos_postgres::memories::{self, WriteOutcome, WriteRow};
+use memos_postgres::offsets;
+use memos_redis::HotViews;
+use memos_redis::hot::HotWrite;
+use memos_schemas::{MemoryCommand, WriteMemory};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// A consumed record, detached from the consumer.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    /// Record timestamp in Unix milliseconds, when the broker has one.
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+}
+
+/// A record that cannot be applied, and why.
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    pub index: usize,
+    pub class: &'static str,
+    pub message: String,
+}
+
+/// A decoded batch, ready to apply.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    pub writes: Vec<WriteRow>,
+    pub dead: Vec<Rejected>,
+    /// Next offset per partition once the whole batch is done.
+    pub next_offsets: BTreeMap<i32, i64>,
+}
+
+/// What one batch did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Report {
+    pub records: usize,
+    pub applied: usize,
+    pub rejected: usize,
+    pub duplicates: usize,
+    pub dead_lettered: usize,
+    /// Records at offsets the views had already applied (a redelivery after a rebalance).
+    pub already_applied: usize,
+}
+
+/// Where a batch goes.
+pub struct Sinks {
+    pub pool: PgPool,
+    pub hot: HotViews,
+    pub producer: CommandProducer,
+    pub topic: String,
+    pub dead_letter_topic: String,
+    pub projection: String,
+}
+
+fn record_time(record: &Record, fallback_ms: i64) -> DateTime<Utc> {
+    let ms = record.timestamp_ms.unwrap_or(fallback_ms);
+    Utc.timestamp_millis_opt(ms).single().unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
+}
+
+fn write_row(record: &Record, write: WriteMemory) -> Result<WriteRow, String> {
+    let uuid = |field: &str, value: &str| {
+        Uuid::parse_str(value).map_err(|_| format!("{field} is not a UUID"))
+    };
+    Ok(WriteRow {
+        command_id: uuid("command_id", &write.command_id)?,
+        memory_id: uuid("memory_id", &write.memory_id)?,
+        record_time: record_time(record, write.issued_at),
+        metadata: serde_json::from_str(&write.metadata_json).map_err(|e| e.to_string())?,
+        expires_at: write.expires_at.and_then(|ms| Utc.timestamp_millis_opt(ms).single()),
+        namespace: write.namespace,
+        actor: write.actor,
+        content: write.content,
+        tier: write.tier.as_str().to_owned(),
+        tags: write.tags,
+        importance: write.importance,
+        embedding: write.embedding,
+        traceparent: write.traceparent,
+        log_partition: record.partition,
+        log_offset: record.offset,
+    })
+}
+
+/// Decodes and validates every record; pure and deterministic.
+pub fn prepare(records: &[Record]) -> Prepared {
+    let mut prepared = Prepared::default();
+    for (index, record) in records.iter().enumerate() {
+        let next = prepared.next_offsets.entry(record.partition).or_insert(record.offset + 1);
+        *next = (*next).max(record.offset + 1);
+        let Some(payload) = record.payload.as_deref() else {
+            prepared.dead.push(Rejected { index, class: "empty", message: "record has no value".into() });
+            continue;
+        };
+        match MemoryCommand::decode(payload) {
+            Ok(MemoryCommand::Write(write)) => match write_row(record, write) {
+                Ok(row) => prepared.writes.push(row),
+                Err(message) => prepared.dead.push(Rejected { index, class: "invalid", message }),
+            },
+            Err(e) => prepared.dead.push(Rejected { index, class: e.class(), message: e.to_string() }),
+        }
+    }
+    prepared
+}
+
+/// Copies the records that cannot be applied to the dead-letter topic, each acknowledged.
+pub async fn dead_letter(sinks: &Sinks, records: &[Record], prepared: &Prepared) -> Result<(), ProduceError> {
+    for dead in &prepared.dead {
+        let record = &records[dead.index];
+        tracing::warn!(
+            topic = %sinks.topic, partition = record.partition, offset = record.offset,
+            class = dead.class, reason = %dead.message, "record dead-lettered"
+        );
+        dlq::send(
+            &sinks.producer,
+            &sinks.dead_letter_topic,
+            &DeadLetter {
+                topic: &sinks.topic,
+                partition: record.partition,
+                offset: record.offset,
+                key: record.key.as_deref(),
+                payload: record.payload.as_deref(),
+                error_class: dead.class,
+                error_message: &dead.message,
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Applies the batch and moves the offsets, in one transaction. Records below the stored
+/// next offset of their partition were applied by an earlier transaction and are skipped.
+pub async fn apply(sinks: &Sinks, prepared: &Prepared) -> Result<(WriteOutcome, usize), sqlx::Error> {
+    let mut tx = sinks.pool.begin().await?;
+    let partitions: Vec<i32> = prepared.next_offsets.keys().copied().collect();
+    let stored = offsets::lock_and_load(&mut tx, &sinks.projection, &sinks.topic, &partitions).await?;
+    let (fresh, stale): (Vec<&WriteRow>, Vec<&WriteRow>) = prepared
+        .writes
+        .iter()
+        .partition(|w| w.log_offset >= stored.get(&w.log_partition).copied().unwrap_or(0));
+    let fresh: Vec<WriteRow> = fresh.into_iter().cloned().collect();
+    let outcome = memories::apply_writes(&mut tx, &sinks.topic, &fresh).await?;
+    offsets::advance(&mut tx, &sinks.projection, &sinks.topic, &prepared.next_offsets).await?;
+    tx.commit().await?;
+    Ok((outcome, stale.len()))
+}
+
+/// Copies applied memories to Redis, each guarded by its log position.
+pub async fn cache(sinks: &Sinks, outcome: &WriteOutcome) -> Result<usize, memos_redis::hot::Error> {
+    let ids: Vec<String> = outcome.applied.iter().map(|m| m.memory_id.to_string()).collect();
+    let writes: Vec<HotWrite<'_>> = outcome
+        .applied
+        .iter()
+        .zip(&ids)
+        .map(|(memory, id)| HotWrite {
+            key: id,
+            position: memory.log_offset,
+            doc: serde_json::to_string(memory).expect("views serialize"),
+        })
+        .collect();
+    sinks.hot.put_memories(&writes).await
+}

@@ -1,0 +1,109 @@
+//! A Kafka consumer whose positions come from PostgreSQL. On every (incremental) assignment
+//! the rebalance callback reads the stored next offsets of the projection and assigns the
+//! partitions at exactly those offsets (the beginning of the log when none is stored), so a
+//! restart, a crash or a rebalance resumes after the last committed transaction, never at
+//! the group's committed offset.
+//!
+//! Precondition: the consumer is polled from a thread outside the tokio runtime (the
+//! callback blocks on the database through the runtime handle).
+
+use std::time::Duration;
+
+use memos_runtime::config::KafkaConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaResult;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use sqlx::PgPool;
+use tokio::runtime::Handle;
+
+/// Rebalance handling that seeks to the offsets stored with the views.
+pub struct SeekToStored {
+    pub pool: PgPool,
+    pub handle: Handle,
+    pub projection: String,
+}
+
+impl ClientContext for SeekToStored {}
+
+impl SeekToStored {
+    /// Stored offsets of every topic in `tpl`, retried until PostgreSQL answers: assigning
+    /// at a guessed offset could skip or repeat records.
+    fn set_stored_offsets(&self, tpl: &mut TopicPartitionList) {
+        let topics: std::collections::BTreeSet<String> =
+            tpl.elements().iter().map(|e| e.topic().to_owned()).collect();
+        for topic in topics {
+            let mut backoff = Duration::from_millis(100);
+            let stored = loop {
+                match self.handle.block_on(memos_postgres::offsets::load(&self.pool, &self.projection, &topic)) {
+                    Ok(stored) => break stored,
+                    Err(e) => {
+                        tracing::warn!(error = %e, %topic, "cannot read stored offsets; retrying");
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            };
+            let partitions: Vec<i32> =
+                tpl.elements_for_topic(&topic).iter().map(|e| e.partition()).collect();
+            for partition in partitions {
+                let offset = stored.get(&partition).map_or(Offset::Beginning, |o| Offset::Offset(*o));
+                if let Err(e) = tpl.set_partition_offset(&topic, partition, offset) {
+                    tracing::error!(error = %e, %topic, partition, "cannot set assignment offset");
+                }
+                tracing::info!(%topic, partition, ?offset, "partition assigned");
+            }
+        }
+    }
+}
+
+impl ConsumerContext for SeekToStored {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.set_stored_offsets(tpl);
+                if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                for e in tpl.elements() {
+                    tracing::info!(topic = e.topic(), partition = e.partition(), "partition revoked");
+                }
+                if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() }
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance error");
+                if cooperative { Ok(()) } else { consumer.unassign() }
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "cannot apply rebalance");
+        }
+    }
+}
+
+/// A consumer in `group_id`, cooperative-sticky, auto-commit off, positions from PostgreSQL.
+pub fn create(
+    kafka: &KafkaConfig,
+    group_id: &str,
+    context: SeekToStored,
+) -> KafkaResult<BaseConsumer<SeekToStored>> {
+    let mut config = memos_kafka::client::base_config(kafka, "projector");
+    config
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "false");
+    for (key, value) in &kafka.properties {
+        config.set(key, value);
+    }
+    config.create_with_context(context)
+}

@@ -1,0 +1,21 @@
+//! The projector: folds the memory command log into the PostgreSQL and Redis views.
+//!
+//! Guarantee (exactly-once effects): the view rows of a batch and the next offsets of its
+//! partitions are written in one PostgreSQL transaction, and on every assignment the
+//! consumer seeks to those stored offsets; the Kafka group commit only reports progress.
+//! A record that cannot be decoded or validated is dead-lettered (acknowledged by the broker
+//! before the offset moves past it), and the partition keeps flowing. A failing PostgreSQL
+//! or Redis pauses the loop with backoff; offsets never move past an unapplied record.
+//!
+//! - [`consumer`]: the Kafka consumer that seeks to stored offsets on assignment.
+//! - [`batch`]: one unit of work: decode, dead-letter, apply, cache.
+//! - [`worker`]: the loop that takes batches adaptively and drives [`batch`].
+
+pub mod batch;
+pub mod consumer;
+pub mod worker;
+
+pub use worker::Projector;
+
+/// The name under which this projection stores its offsets.
+pub const MEMORY_PROJECTION: &str = "memory";

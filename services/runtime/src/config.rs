@@ -1,0 +1,219 @@
+//! Typed, layered, strict configuration.
+//!
+//! Layers, later wins: built-in defaults; the TOML file named by `MEMOS_CONFIG` (or
+//! `memos.toml` in the working directory when present); the short variables the local stack
+//! writes (`MEMOS_KAFKA_BROKERS`, `DATABASE_URL`, `REDIS_URL`); then `MEMOS__SECTION__KEY`
+//! variables (for example `MEMOS__HTTP__BIND=127.0.0.1:9090`). Unknown keys fail start-up
+//! instead of being ignored, durations are written like `250ms` or `30s`, and connection
+//! strings are [`Secret`]s that never print.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// A value that must not appear in logs or debug output.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub topics: TopicsConfig,
+    pub postgres: PostgresConfig,
+    pub redis: RedisConfig,
+    pub http: HttpConfig,
+    pub projector: ProjectorConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Comma-separated bootstrap servers.
+    pub brokers: String,
+    pub client_id: String,
+    /// How long the producer may try to deliver one record before the API answers 503.
+    #[serde(with = "humantime_serde")]
+    pub delivery_timeout: Duration,
+    /// Raw librdkafka properties applied to every client, for tuning (`linger.ms`, ...).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicsConfig {
+    pub memory_commands: String,
+    pub dead_letter: String,
+    /// Partitions of topics memOS creates; a namespace always maps to one partition.
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// Whether processes create missing topics at start through the admin API.
+    pub create: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    pub url: Secret,
+    pub max_connections: u32,
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    pub url: Secret,
+    /// Prefix of every key memOS writes, so several deployments can share a server.
+    pub key_prefix: String,
+    /// How long a memory stays in the hot cache after its last write.
+    #[serde(with = "humantime_serde")]
+    pub memory_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    pub bind: SocketAddr,
+    /// Largest request body accepted; larger ones get 413.
+    pub max_body_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// When set, every `/v1` request must carry `Authorization: Bearer <token>`.
+    #[serde(default)]
+    pub api_token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectorConfig {
+    pub group_id: String,
+    /// Most records applied in one PostgreSQL transaction.
+    pub max_batch_records: usize,
+    /// Most payload bytes applied in one PostgreSQL transaction.
+    pub max_batch_bytes: usize,
+    /// How long one poll waits for the first record of a batch when the topic is idle.
+    #[serde(with = "humantime_serde")]
+    pub poll_timeout: Duration,
+    /// Longest pause between retries when PostgreSQL or Redis fail.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_backoff: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            kafka: KafkaConfig {
+                brokers: "127.0.0.1:19092".into(),
+                client_id: "memos".into(),
+                delivery_timeout: Duration::from_secs(30),
+                properties: BTreeMap::new(),
+            },
+            topics: TopicsConfig {
+                memory_commands: "memos.memory.commands".into(),
+                dead_letter: "memos.dlq".into(),
+                partitions: 6,
+                replication_factor: 1,
+                create: true,
+            },
+            postgres: PostgresConfig {
+                url: Secret::new("postgres://memos@127.0.0.1:15432/memos"),
+                max_connections: 10,
+                acquire_timeout: Duration::from_secs(5),
+            },
+            redis: RedisConfig {
+                url: Secret::new("redis://127.0.0.1:16379/"),
+                key_prefix: "memos".into(),
+                memory_ttl: Duration::from_secs(24 * 3600),
+            },
+            http: HttpConfig {
+                bind: "127.0.0.1:8080".parse().expect("valid address"),
+                max_body_bytes: 256 * 1024,
+                request_timeout: Duration::from_secs(30),
+                api_token: None,
+            },
+            projector: ProjectorConfig {
+                group_id: "memos-projector".into(),
+                max_batch_records: 500,
+                max_batch_bytes: 4 * 1024 * 1024,
+                poll_timeout: Duration::from_millis(200),
+                max_retry_backoff: Duration::from_secs(10),
+            },
+        }
+    }
+}
+
+impl Config {
+    /// Loads the layers described in the module documentation from the process environment.
+    pub fn load() -> Result<Config, figment::Error> {
+        let file = std::env::var_os("MEMOS_CONFIG")
+            .map(PathBuf::from)
+            .or_else(|| Some(PathBuf::from("memos.toml")).filter(|p| p.exists()));
+        Self::figment(file).extract()
+    }
+
+    /// The layered sources, exposed so tests can add their own on top.
+    pub fn figment(file: Option<PathBuf>) -> Figment {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment
+            .merge(Env::raw().only(&["MEMOS_KAFKA_BROKERS"]).map(|_| "kafka.brokers".into()))
+            .merge(Env::raw().only(&["DATABASE_URL"]).map(|_| "postgres.url".into()))
+            .merge(Env::raw().only(&["REDIS_URL"]).map(|_| "redis.url".into()))
+            .merge(Env::prefixed("MEMOS__").split("__"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_apply_in_order_and_unknown_keys_fail() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "memos.toml",
+                "[http]\nbind = \"127.0.0.1:9000\"\n[projector]\npoll_timeout = \"50ms\"\n",
+            )?;
+            jail.set_env("DATABASE_URL", "postgres://elsewhere/db");
+            jail.set_env("MEMOS__HTTP__BIND", "127.0.0.1:9001");
+            let config: Config = Config::figment(Some("memos.toml".into())).extract()?;
+            assert_eq!(config.http.bind.port(), 9001, "env wins over the file");
+            assert_eq!(config.projector.poll_timeout, Duration::from_millis(50));
+            assert_eq!(config.postgres.url.expose(), "postgres://elsewhere/db");
+            assert_eq!(config.projector.max_batch_records, 500, "defaults stay");
+            assert!(!format!("{config:?}").contains("elsewhere"), "secrets never print");
+
+            jail.set_env("MEMOS__HTTP__BINDD", "oops");
+            let err = Config::figment(None).extract::<Config>().unwrap_err();
+            assert!(err.to_string().contains("bindd"), "{err}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,11 @@
+//! What every memOS process shares: typed layered configuration, logging, and shutdown.
+//!
+//! - [`config`]: defaults, then a TOML file, then environment; unknown keys are errors.
+//! - [`telemetry`]: JSON log lines with the level taken from the environment.
+//! - [`shutdown`]: one cancellation token tripped by SIGINT or SIGTERM.
+
+pub mod config;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use config::{Config, Secret};
