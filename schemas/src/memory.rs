@@ -71,7 +71,10 @@ pub struct ValidationError {
 
 impl ValidationError {
     fn new(field: &'static str, message: impl Into<String>) -> Self {
-        ValidationError { field, message: message.into() }
+        ValidationError {
+            field,
+            message: message.into(),
+        }
     }
 
     /// Whether the command is rejected for its size (HTTP 413) rather than its shape (422).
@@ -81,7 +84,9 @@ impl ValidationError {
 }
 
 fn check_uuid(field: &'static str, value: &str) -> Result<(), ValidationError> {
-    Uuid::parse_str(value).map(|_| ()).map_err(|_| ValidationError::new(field, "must be a UUID"))
+    Uuid::parse_str(value)
+        .map(|_| ())
+        .map_err(|_| ValidationError::new(field, "must be a UUID"))
 }
 
 fn check_name(field: &'static str, value: &str) -> Result<(), ValidationError> {
@@ -89,7 +94,10 @@ fn check_name(field: &'static str, value: &str) -> Result<(), ValidationError> {
         return Err(ValidationError::new(field, "must not be empty"));
     }
     if value.len() > MAX_NAME_BYTES {
-        return Err(ValidationError::new(field, format!("too large: at most {MAX_NAME_BYTES} bytes")));
+        return Err(ValidationError::new(
+            field,
+            format!("too large: at most {MAX_NAME_BYTES} bytes"),
+        ));
     }
     if value.chars().any(char::is_control) {
         return Err(ValidationError::new(field, "must not contain control characters"));
@@ -110,7 +118,10 @@ impl WriteMemory {
         if self.content.len() > MAX_CONTENT_BYTES {
             return Err(ValidationError::new(
                 "content",
-                format!("too large: {} bytes, at most {MAX_CONTENT_BYTES}", self.content.len()),
+                format!(
+                    "too large: {} bytes, at most {MAX_CONTENT_BYTES}",
+                    self.content.len()
+                ),
             ));
         }
         if self.tags.len() > MAX_TAGS {
@@ -128,7 +139,10 @@ impl WriteMemory {
         if self.metadata_json.len() > MAX_METADATA_BYTES {
             return Err(ValidationError::new(
                 "metadata",
-                format!("too large: {} bytes, at most {MAX_METADATA_BYTES}", self.metadata_json.len()),
+                format!(
+                    "too large: {} bytes, at most {MAX_METADATA_BYTES}",
+                    self.metadata_json.len()
+                ),
             ));
         }
         match serde_json::from_str::<serde_json::Value>(&self.metadata_json) {
@@ -138,10 +152,10 @@ impl WriteMemory {
         if !(0.0..=1.0).contains(&self.importance) {
             return Err(ValidationError::new("importance", "must be between 0 and 1"));
         }
-        if let Some(embedding) = &self.embedding {
-            if embedding.iter().any(|x| !x.is_finite()) {
-                return Err(ValidationError::new("embedding", "must hold finite numbers"));
-            }
+        if let Some(embedding) = &self.embedding
+            && embedding.iter().any(|x| !x.is_finite())
+        {
+            return Err(ValidationError::new("embedding", "must hold finite numbers"));
         }
         Ok(())
     }
@@ -242,16 +256,17 @@ mod tests {
         write.embedding = None;
         write.tags.clear();
         let command = MemoryCommand::Write(write);
-        assert_eq!(MemoryCommand::decode(&command.encode().unwrap()).unwrap(), command);
+        assert_eq!(
+            MemoryCommand::decode(&command.encode().unwrap()).unwrap(),
+            command
+        );
     }
 
     #[test]
     fn header_names_the_writer_schema_fingerprint() {
         let bytes = MemoryCommand::Write(sample()).encode().unwrap();
-        let schema = apache_avro::Schema::parse_str(include_str!(
-            "../avro/memory/WriteMemory.v1.avsc"
-        ))
-        .unwrap();
+        let schema =
+            apache_avro::Schema::parse_str(include_str!("../avro/memory/WriteMemory.v1.avsc")).unwrap();
         assert_eq!(&bytes[..2], &single_object::MAGIC);
         assert_eq!(bytes[2..10], schema_fingerprint(&schema).to_le_bytes());
     }
@@ -265,7 +280,10 @@ mod tests {
         assert_eq!(err.class(), "not_avro", "{err}");
         let mut truncated = MemoryCommand::Write(sample()).encode().unwrap();
         truncated.truncate(20);
-        assert_eq!(MemoryCommand::decode(&truncated).unwrap_err().class(), "malformed");
+        assert_eq!(
+            MemoryCommand::decode(&truncated).unwrap_err().class(),
+            "malformed"
+        );
     }
 
     #[test]

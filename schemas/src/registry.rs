@@ -89,7 +89,10 @@ pub fn registry() -> &'static Registry {
         let mut current: HashMap<CommandKind, (u32, u64)> = HashMap::new();
         for released in RELEASED {
             let schema = Schema::parse_str(released.json).unwrap_or_else(|e| {
-                panic!("released schema {:?} v{} does not parse: {e}", released.kind, released.version)
+                panic!(
+                    "released schema {:?} v{} does not parse: {e}",
+                    released.kind, released.version
+                )
             });
             let fingerprint = schema_fingerprint(&schema);
             let newest = current.entry(released.kind).or_insert((0, fingerprint));
@@ -98,7 +101,12 @@ pub fn registry() -> &'static Registry {
             }
             by_fingerprint.insert(
                 fingerprint,
-                Entry { kind: released.kind, version: released.version, fingerprint, schema },
+                Entry {
+                    kind: released.kind,
+                    version: released.version,
+                    fingerprint,
+                    schema,
+                },
             );
         }
         Registry {
@@ -127,7 +135,9 @@ impl Registry {
         value: &T,
     ) -> Result<Vec<u8>, apache_avro::Error> {
         let entry = self.current(kind);
-        let body = GenericDatumWriter::builder(&entry.schema).build()?.write_ser_to_vec(value)?;
+        let body = GenericDatumWriter::builder(&entry.schema)
+            .build()?
+            .write_ser_to_vec(value)?;
         Ok(single_object::encode(entry.fingerprint, &body))
     }
 
@@ -137,7 +147,9 @@ impl Registry {
         bytes: &[u8],
     ) -> Result<(CommandKind, apache_avro::types::Value), DecodeError> {
         let (fingerprint, mut body) = single_object::decode(bytes)?;
-        let writer = self.get(fingerprint).ok_or(DecodeError::UnknownSchema(fingerprint))?;
+        let writer = self
+            .get(fingerprint)
+            .ok_or(DecodeError::UnknownSchema(fingerprint))?;
         let reader = self.current(writer.kind);
         let malformed = |e: apache_avro::Error| DecodeError::Malformed {
             schema: writer.kind.full_name(),

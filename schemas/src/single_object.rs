@@ -46,7 +46,9 @@ mod tests {
         let framed = encode(0x0102_0304_0506_0708, b"body");
         assert_eq!(
             framed,
-            [0xC3, 0x01, 0x08, 0x07, 0x06, 0x05, 0x04, 0x03, 0x02, 0x01, b'b', b'o', b'd', b'y']
+            [
+                0xC3, 0x01, 0x08, 0x07, 0x06, 0x05, 0x04, 0x03, 0x02, 0x01, b'b', b'o', b'd', b'y'
+            ]
         );
         assert_eq!(decode(&framed), Ok((0x0102_0304_0506_0708, &b"body"[..])));
     }

@@ -43,11 +43,16 @@ impl CommandProducer {
             .set("acks", "all")
             .set("compression.type", "lz4")
             .set("linger.ms", "2")
-            .set("delivery.timeout.ms", kafka.delivery_timeout.as_millis().to_string());
+            .set(
+                "delivery.timeout.ms",
+                kafka.delivery_timeout.as_millis().to_string(),
+            );
         for (key, value) in &kafka.properties {
             config.set(key, value);
         }
-        Ok(CommandProducer { inner: config.create()? })
+        Ok(CommandProducer {
+            inner: config.create()?,
+        })
     }
 
     /// Appends one record and waits for the broker's acknowledgement.
@@ -59,11 +64,17 @@ impl CommandProducer {
         headers: &[(&str, &str)],
     ) -> Result<Delivered, ProduceError> {
         let headers = headers.iter().fold(OwnedHeaders::new(), |h, (key, value)| {
-            h.insert(Header { key, value: Some(value.as_bytes()) })
+            h.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            })
         });
         let record = FutureRecord::to(topic).key(key).payload(payload).headers(headers);
         match self.inner.send(record, Timeout::Never).await {
-            Ok(delivery) => Ok(Delivered { partition: delivery.partition, offset: delivery.offset }),
+            Ok(delivery) => Ok(Delivered {
+                partition: delivery.partition,
+                offset: delivery.offset,
+            }),
             Err((e, _)) => Err(classify(e)),
         }
     }
@@ -81,8 +92,9 @@ impl CommandProducer {
 
 fn classify(e: KafkaError) -> ProduceError {
     match e.rdkafka_error_code() {
-        Some(RDKafkaErrorCode::MessageSizeTooLarge)
-        | Some(RDKafkaErrorCode::InvalidMessageSize) => ProduceError::TooLarge(e),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge) | Some(RDKafkaErrorCode::InvalidMessageSize) => {
+            ProduceError::TooLarge(e)
+        }
         _ => ProduceError::Unavailable(e),
     }
 }

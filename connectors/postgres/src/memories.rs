@@ -100,7 +100,10 @@ pub async fn apply_writes(
     let fresh: Vec<Uuid> = fresh.into_iter().map(|(id,)| id).collect();
     let duplicates = writes.len() - fresh.len();
     if fresh.is_empty() {
-        return Ok(WriteOutcome { duplicates, ..Default::default() });
+        return Ok(WriteOutcome {
+            duplicates,
+            ..Default::default()
+        });
     }
 
     let applied: Vec<MemoryView> = sqlx::query_as(concat!(
@@ -130,19 +133,26 @@ pub async fn apply_writes(
     let rejected: Vec<(Uuid, String)> = fresh
         .iter()
         .filter(|id| !created.contains(id))
-        .map(|id| (*id, "memory_exists: a memory with this id already exists".to_owned()))
+        .map(|id| {
+            (
+                *id,
+                "memory_exists: a memory with this id already exists".to_owned(),
+            )
+        })
         .collect();
     if !rejected.is_empty() {
         let ids: Vec<Uuid> = rejected.iter().map(|(id, _)| *id).collect();
-        sqlx::query(
-            "UPDATE memory_commands SET status = 'rejected', reason = $2 WHERE command_id = ANY($1)",
-        )
-        .bind(&ids)
-        .bind(&rejected[0].1)
-        .execute(&mut *conn)
-        .await?;
+        sqlx::query("UPDATE memory_commands SET status = 'rejected', reason = $2 WHERE command_id = ANY($1)")
+            .bind(&ids)
+            .bind(&rejected[0].1)
+            .execute(&mut *conn)
+            .await?;
     }
-    Ok(WriteOutcome { applied, rejected, duplicates })
+    Ok(WriteOutcome {
+        applied,
+        rejected,
+        duplicates,
+    })
 }
 
 /// One memory by id.
@@ -152,9 +162,9 @@ pub async fn get(pool: &PgPool, memory_id: Uuid) -> Result<Option<MemoryView>, s
         view_columns!(),
         " FROM memories WHERE memory_id = $1"
     ))
-        .bind(memory_id)
-        .fetch_optional(pool)
-        .await
+    .bind(memory_id)
+    .fetch_optional(pool)
+    .await
 }
 
 /// Where a page of [`list`] ends: the last row's sort key.

@@ -42,7 +42,12 @@ impl HotViews {
     pub async fn connect(url: &str, prefix: &str, ttl: Duration) -> redis::RedisResult<Self> {
         let client = redis::Client::open(url)?;
         let conn = ConnectionManager::new(client).await?;
-        Ok(HotViews { conn, prefix: prefix.to_owned(), ttl, guarded_set: Script::new(GUARDED_SET) })
+        Ok(HotViews {
+            conn,
+            prefix: prefix.to_owned(),
+            ttl,
+            guarded_set: Script::new(GUARDED_SET),
+        })
     }
 
     fn memory_key(&self, id: &str) -> String {
@@ -59,10 +64,23 @@ impl HotViews {
         for write in writes {
             let key = self.memory_key(write.key);
             pipe.invoke_script(
-                self.guarded_set.key(key).arg(write.position).arg(&write.doc).arg(ttl_ms),
+                self.guarded_set
+                    .key(key)
+                    .arg(write.position)
+                    .arg(&write.doc)
+                    .arg(ttl_ms),
             );
         }
-        let written: Vec<i64> = pipe.query_async(&mut self.conn.clone()).await?;
+        let mut conn = self.conn.clone();
+        // A pipeline calls EVALSHA without falling back to EVAL: load the script once when
+        // the server does not know it (first use, restart, SCRIPT FLUSH) and go again.
+        let written: Vec<i64> = match pipe.query_async(&mut conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                self.guarded_set.prepare_invoke().load_async(&mut conn).await?;
+                pipe.query_async(&mut conn).await?
+            }
+            other => other?,
+        };
         Ok(written.into_iter().filter(|w| *w == 1).count())
     }
 

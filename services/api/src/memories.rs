@@ -75,8 +75,12 @@ pub async fn write(
         None => serde_json::Value::Object(Default::default()),
         Some(value @ serde_json::Value::Object(_)) => value,
         Some(_) => {
-            return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", "must be a JSON object")
-                .with_field("metadata"));
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                "must be a JSON object",
+            )
+            .with_field("metadata"));
         }
     };
     let command_id = request.command_id.unwrap_or_else(Uuid::now_v7);
@@ -97,7 +101,9 @@ pub async fn write(
         embedding: request.embedding,
     });
     command.validate()?;
-    let payload = command.encode().map_err(|e| ApiError::internal("cannot encode the command", e))?;
+    let payload = command
+        .encode()
+        .map_err(|e| ApiError::internal("cannot encode the command", e))?;
 
     let topic = &state.config.topics.memory_commands;
     let command_id_text = command_id.to_string();
@@ -122,7 +128,9 @@ pub async fn write(
             ),
             ProduceError::Unavailable(e) => {
                 tracing::warn!(error = %e, "append failed");
-                ApiError::unavailable("the log did not acknowledge the command; retry with the same command_id")
+                ApiError::unavailable(
+                    "the log did not acknowledge the command; retry with the same command_id",
+                )
             }
         })?;
     Ok((
@@ -138,7 +146,8 @@ pub async fn write(
 }
 
 fn parse_uuid(field: &str, value: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(value).map_err(|_| ApiError::bad_request(format!("{field} must be a UUID")).with_field(field))
+    Uuid::parse_str(value)
+        .map_err(|_| ApiError::bad_request(format!("{field} must be a UUID")).with_field(field))
 }
 
 pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
@@ -205,7 +214,12 @@ pub async fn list(
     let next_cursor = (items.len() as i64 == limit)
         .then(|| items.last())
         .flatten()
-        .map(|m| encode_cursor(&Cursor { created_at: m.created_at, memory_id: m.memory_id }));
+        .map(|m| {
+            encode_cursor(&Cursor {
+                created_at: m.created_at,
+                memory_id: m.memory_id,
+            })
+        });
     Ok(Json(Page { items, next_cursor }))
 }
 
@@ -221,6 +235,9 @@ mod tests {
         };
         assert_eq!(decode_cursor(&encode_cursor(&cursor)).unwrap(), cursor);
         assert_eq!(decode_cursor("nope").unwrap_err().status, StatusCode::BAD_REQUEST);
-        assert_eq!(decode_cursor("12_notauuid").unwrap_err().field.as_deref(), Some("cursor"));
+        assert_eq!(
+            decode_cursor("12_notauuid").unwrap_err().field.as_deref(),
+            Some("cursor")
+        );
     }
 }

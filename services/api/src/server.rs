@@ -56,8 +56,12 @@ async fn authorize(State(state): State<AppState>, request: Request, next: Next) 
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         if presented != Some(token.expose()) {
-            return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token")
-                .into_response();
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong bearer token",
+            )
+            .into_response();
         }
     }
     next.run(request).await
@@ -65,13 +69,21 @@ async fn authorize(State(state): State<AppState>, request: Request, next: Next) 
 
 /// Per-dependency readiness: 200 when PostgreSQL and Redis answer, 503 otherwise.
 async fn ready(State(state): State<AppState>) -> Response {
-    let postgres = sqlx::query("SELECT 1").execute(&state.pool).await.map(|_| ()).map_err(|e| e.to_string());
+    let postgres = sqlx::query("SELECT 1")
+        .execute(&state.pool)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string());
     let redis = state.hot.ping().await.map_err(|e| e.to_string());
     let status = |r: &Result<(), String>| match r {
         Ok(_) => "ok".to_owned(),
         Err(e) => format!("error: {e}"),
     };
-    let code = if postgres.is_ok() && redis.is_ok() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if postgres.is_ok() && redis.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let body = serde_json::json!({ "postgres": status(&postgres), "redis": status(&redis) });
     (code, Json(body)).into_response()
 }
@@ -86,7 +98,11 @@ impl Api {
     pub async fn bind(state: AppState) -> std::io::Result<Api> {
         let listener = TcpListener::bind(state.config.http.bind).await?;
         let producer = state.producer.clone();
-        Ok(Api { listener, router: router(state), producer })
+        Ok(Api {
+            listener,
+            router: router(state),
+            producer,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {

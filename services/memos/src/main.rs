@@ -50,7 +50,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Run { role } => run(config, role).await,
         Command::CreateTopics => ensure_topics(&config.kafka, &memory_topics(&config.topics)).await,
         Command::Migrate => {
-            let pool = memos_postgres::connect(&config.postgres).await.context("cannot connect to PostgreSQL")?;
+            let pool = memos_postgres::connect(&config.postgres)
+                .await
+                .context("cannot connect to PostgreSQL")?;
             memos_postgres::migrate(&pool).await.context("migration failed")
         }
     }
@@ -65,11 +67,17 @@ async fn run(config: Arc<Config>, role: Role) -> anyhow::Result<()> {
             .await
             .context("cannot create topics (is Kafka up at kafka.brokers?)")?;
     }
-    let pool = memos_postgres::connect(&config.postgres).await.context("cannot connect to PostgreSQL")?;
-    memos_postgres::migrate(&pool).await.context("migration failed")?;
-    let hot = HotViews::connect(config.redis.url.expose(), &config.redis.key_prefix, config.redis.memory_ttl)
+    let pool = memos_postgres::connect(&config.postgres)
         .await
-        .context("cannot connect to Redis")?;
+        .context("cannot connect to PostgreSQL")?;
+    memos_postgres::migrate(&pool).await.context("migration failed")?;
+    let hot = HotViews::connect(
+        config.redis.url.expose(),
+        &config.redis.key_prefix,
+        config.redis.memory_ttl,
+    )
+    .await
+    .context("cannot connect to Redis")?;
     let producer = CommandProducer::new(&config.kafka).context("cannot create the Kafka producer")?;
 
     let projector = if role != Role::Api {
@@ -87,17 +95,24 @@ async fn run(config: Arc<Config>, role: Role) -> anyhow::Result<()> {
     };
 
     if role != Role::Projector {
-        let state = AppState { config: config.clone(), producer: producer.clone(), pool, hot };
-        let api = Api::bind(state).await.with_context(|| format!("cannot bind {}", config.http.bind))?;
+        let state = AppState {
+            config: config.clone(),
+            producer: producer.clone(),
+            pool,
+            hot,
+        };
+        let api = Api::bind(state)
+            .await
+            .with_context(|| format!("cannot bind {}", config.http.bind))?;
         api.run_until_stopped(shutdown.clone()).await?;
     } else {
         shutdown.cancelled().await;
     }
     shutdown.cancel();
-    if let Some(projector) = projector {
-        if projector.await?.is_err() {
-            anyhow::bail!("projector thread panicked");
-        }
+    if let Some(projector) = projector
+        && projector.await?.is_err()
+    {
+        anyhow::bail!("projector thread panicked");
     }
     tracing::info!("memos stopped");
     Ok(())

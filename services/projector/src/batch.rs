@@ -68,19 +68,22 @@ pub struct Sinks {
 
 fn record_time(record: &Record, fallback_ms: i64) -> DateTime<Utc> {
     let ms = record.timestamp_ms.unwrap_or(fallback_ms);
-    Utc.timestamp_millis_opt(ms).single().unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
 }
 
 fn write_row(record: &Record, write: WriteMemory) -> Result<WriteRow, String> {
-    let uuid = |field: &str, value: &str| {
-        Uuid::parse_str(value).map_err(|_| format!("{field} is not a UUID"))
-    };
+    let uuid =
+        |field: &str, value: &str| Uuid::parse_str(value).map_err(|_| format!("{field} is not a UUID"));
     Ok(WriteRow {
         command_id: uuid("command_id", &write.command_id)?,
         memory_id: uuid("memory_id", &write.memory_id)?,
         record_time: record_time(record, write.issued_at),
         metadata: serde_json::from_str(&write.metadata_json).map_err(|e| e.to_string())?,
-        expires_at: write.expires_at.and_then(|ms| Utc.timestamp_millis_opt(ms).single()),
+        expires_at: write
+            .expires_at
+            .and_then(|ms| Utc.timestamp_millis_opt(ms).single()),
         namespace: write.namespace,
         actor: write.actor,
         content: write.content,
@@ -98,18 +101,33 @@ fn write_row(record: &Record, write: WriteMemory) -> Result<WriteRow, String> {
 pub fn prepare(records: &[Record]) -> Prepared {
     let mut prepared = Prepared::default();
     for (index, record) in records.iter().enumerate() {
-        let next = prepared.next_offsets.entry(record.partition).or_insert(record.offset + 1);
+        let next = prepared
+            .next_offsets
+            .entry(record.partition)
+            .or_insert(record.offset + 1);
         *next = (*next).max(record.offset + 1);
         let Some(payload) = record.payload.as_deref() else {
-            prepared.dead.push(Rejected { index, class: "empty", message: "record has no value".into() });
+            prepared.dead.push(Rejected {
+                index,
+                class: "empty",
+                message: "record has no value".into(),
+            });
             continue;
         };
         match MemoryCommand::decode(payload) {
             Ok(MemoryCommand::Write(write)) => match write_row(record, write) {
                 Ok(row) => prepared.writes.push(row),
-                Err(message) => prepared.dead.push(Rejected { index, class: "invalid", message }),
+                Err(message) => prepared.dead.push(Rejected {
+                    index,
+                    class: "invalid",
+                    message,
+                }),
             },
-            Err(e) => prepared.dead.push(Rejected { index, class: e.class(), message: e.to_string() }),
+            Err(e) => prepared.dead.push(Rejected {
+                index,
+                class: e.class(),
+                message: e.to_string(),
+            }),
         }
     }
     prepared

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use memos_runtime::config::KafkaConfig;
+use memos_runtime::config::{KafkaConfig, ProjectorConfig};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaResult;
 use rdkafka::types::RDKafkaRespErr;
@@ -35,7 +35,11 @@ impl SeekToStored {
         for topic in topics {
             let mut backoff = Duration::from_millis(100);
             let stored = loop {
-                match self.handle.block_on(memos_postgres::offsets::load(&self.pool, &self.projection, &topic)) {
+                match self.handle.block_on(memos_postgres::offsets::load(
+                    &self.pool,
+                    &self.projection,
+                    &topic,
+                )) {
                     Ok(stored) => break stored,
                     Err(e) => {
                         tracing::warn!(error = %e, %topic, "cannot read stored offsets; retrying");
@@ -44,10 +48,15 @@ impl SeekToStored {
                     }
                 }
             };
-            let partitions: Vec<i32> =
-                tpl.elements_for_topic(&topic).iter().map(|e| e.partition()).collect();
+            let partitions: Vec<i32> = tpl
+                .elements_for_topic(&topic)
+                .iter()
+                .map(|e| e.partition())
+                .collect();
             for partition in partitions {
-                let offset = stored.get(&partition).map_or(Offset::Beginning, |o| Offset::Offset(*o));
+                let offset = stored
+                    .get(&partition)
+                    .map_or(Offset::Beginning, |o| Offset::Offset(*o));
                 if let Err(e) = tpl.set_partition_offset(&topic, partition, offset) {
                     tracing::error!(error = %e, %topic, partition, "cannot set assignment offset");
                 }
@@ -58,23 +67,26 @@ impl SeekToStored {
 }
 
 impl ConsumerContext for SeekToStored {
-    fn rebalance(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        err: RDKafkaRespErr,
-        tpl: &mut TopicPartitionList,
-    ) {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
         let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 self.set_stored_offsets(tpl);
-                if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) }
+                if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 for e in tpl.elements() {
                     tracing::info!(topic = e.topic(), partition = e.partition(), "partition revoked");
                 }
-                if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() }
+                if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                }
             }
             other => {
                 tracing::error!(error = ?other, "rebalance error");
@@ -90,12 +102,15 @@ impl ConsumerContext for SeekToStored {
 /// A consumer in `group_id`, cooperative-sticky, auto-commit off, positions from PostgreSQL.
 pub fn create(
     kafka: &KafkaConfig,
-    group_id: &str,
+    projector: &ProjectorConfig,
     context: SeekToStored,
 ) -> KafkaResult<BaseConsumer<SeekToStored>> {
     let mut config = memos_kafka::client::base_config(kafka, "projector");
+    let session_ms = projector.session_timeout.as_millis();
     config
-        .set("group.id", group_id)
+        .set("group.id", &projector.group_id)
+        .set("session.timeout.ms", session_ms.to_string())
+        .set("heartbeat.interval.ms", (session_ms / 3).max(100).to_string())
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")

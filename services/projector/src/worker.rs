@@ -7,6 +7,7 @@
 //! (or, when its dependency is down, is abandoned unapplied and redone after restart), a final
 //! progress commit is made, and the consumer leaves the group.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -38,14 +39,19 @@ struct Abandoned;
 
 impl Projector {
     /// Builds the projector and subscribes it. Call from inside the tokio runtime.
-    pub fn new(config: &Config, pool: PgPool, hot: HotViews, producer: CommandProducer) -> anyhow::Result<Self> {
+    pub fn new(
+        config: &Config,
+        pool: PgPool,
+        hot: HotViews,
+        producer: CommandProducer,
+    ) -> anyhow::Result<Self> {
         let handle = Handle::current();
         let context = SeekToStored {
             pool: pool.clone(),
             handle: handle.clone(),
             projection: crate::MEMORY_PROJECTION.to_owned(),
         };
-        let consumer = consumer::create(&config.kafka, &config.projector.group_id, context)?;
+        let consumer = consumer::create(&config.kafka, &config.projector, context)?;
         consumer.subscribe(&[config.topics.memory_commands.as_str()])?;
         Ok(Projector {
             sinks: Sinks {
@@ -76,6 +82,7 @@ impl Projector {
 
     fn run(self, shutdown: CancellationToken) {
         tracing::info!(topic = %self.sinks.topic, "projector started");
+        let mut progress = BTreeMap::new();
         while !shutdown.is_cancelled() {
             let records = self.take_batch();
             if records.is_empty() {
@@ -84,18 +91,16 @@ impl Projector {
             match self.process(&records, &shutdown) {
                 Ok(report) => {
                     tracing::debug!(?report, "batch committed");
-                    self.report_progress(&records, CommitMode::Async);
+                    for record in &records {
+                        let next = progress.entry(record.partition).or_insert(0);
+                        *next = (record.offset + 1).max(*next);
+                    }
+                    self.report_progress(&progress, CommitMode::Async);
                 }
                 Err(Abandoned) => break,
             }
         }
-        if let Ok(assignment) = self.consumer.assignment() {
-            if assignment.count() > 0 {
-                if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
-                    tracing::debug!(error = %e, "final progress commit");
-                }
-            }
-        }
+        self.report_progress(&progress, CommitMode::Sync);
         self.consumer.unsubscribe();
         tracing::info!("projector stopped");
     }
@@ -131,7 +136,9 @@ impl Projector {
     fn process(&self, records: &[Record], shutdown: &CancellationToken) -> Result<Report, Abandoned> {
         let started = Instant::now();
         let prepared = batch::prepare(records);
-        self.retry("dead-letter", shutdown, || batch::dead_letter(&self.sinks, records, &prepared))?;
+        self.retry("dead-letter", shutdown, || {
+            batch::dead_letter(&self.sinks, records, &prepared)
+        })?;
         let (outcome, already_applied) =
             self.retry("apply", shutdown, || batch::apply(&self.sinks, &prepared))?;
         // Redis is derived: once PostgreSQL has committed, a Redis outage must not undo or
@@ -178,15 +185,13 @@ impl Projector {
     }
 
     /// Reports the committed position to the consumer group (monitoring only).
-    fn report_progress(&self, records: &[Record], mode: CommitMode) {
-        let mut next: std::collections::BTreeMap<i32, i64> = Default::default();
-        for record in records {
-            let entry = next.entry(record.partition).or_default();
-            *entry = (*entry).max(record.offset + 1);
+    fn report_progress(&self, progress: &BTreeMap<i32, i64>, mode: CommitMode) {
+        if progress.is_empty() {
+            return;
         }
         let mut tpl = TopicPartitionList::new();
-        for (partition, offset) in next {
-            let _ = tpl.add_partition_offset(&self.sinks.topic, partition, Offset::Offset(offset));
+        for (partition, offset) in progress {
+            let _ = tpl.add_partition_offset(&self.sinks.topic, *partition, Offset::Offset(*offset));
         }
         if let Err(e) = self.consumer.commit(&tpl, mode) {
             tracing::debug!(error = %e, "progress commit failed");

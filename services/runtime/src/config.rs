@@ -119,6 +119,10 @@ pub struct ProjectorConfig {
     /// How long one poll waits for the first record of a batch when the topic is idle.
     #[serde(with = "humantime_serde")]
     pub poll_timeout: Duration,
+    /// How long the group waits for a silent projector before giving its partitions to
+    /// another one (librdkafka `session.timeout.ms`): the failover time after a crash.
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
     /// Longest pause between retries when PostgreSQL or Redis fail.
     #[serde(with = "humantime_serde")]
     pub max_retry_backoff: Duration,
@@ -161,6 +165,7 @@ impl Default for Config {
                 max_batch_records: 500,
                 max_batch_bytes: 4 * 1024 * 1024,
                 poll_timeout: Duration::from_millis(200),
+                session_timeout: Duration::from_secs(10),
                 max_retry_backoff: Duration::from_secs(10),
             },
         }
@@ -169,11 +174,11 @@ impl Default for Config {
 
 impl Config {
     /// Loads the layers described in the module documentation from the process environment.
-    pub fn load() -> Result<Config, figment::Error> {
+    pub fn load() -> Result<Config, Box<figment::Error>> {
         let file = std::env::var_os("MEMOS_CONFIG")
             .map(PathBuf::from)
             .or_else(|| Some(PathBuf::from("memos.toml")).filter(|p| p.exists()));
-        Self::figment(file).extract()
+        Self::figment(file).extract().map_err(Box::new)
     }
 
     /// The layered sources, exposed so tests can add their own on top.
@@ -183,7 +188,11 @@ impl Config {
             figment = figment.merge(Toml::file_exact(file));
         }
         figment
-            .merge(Env::raw().only(&["MEMOS_KAFKA_BROKERS"]).map(|_| "kafka.brokers".into()))
+            .merge(
+                Env::raw()
+                    .only(&["MEMOS_KAFKA_BROKERS"])
+                    .map(|_| "kafka.brokers".into()),
+            )
             .merge(Env::raw().only(&["DATABASE_URL"]).map(|_| "postgres.url".into()))
             .merge(Env::raw().only(&["REDIS_URL"]).map(|_| "redis.url".into()))
             .merge(Env::prefixed("MEMOS__").split("__"))
@@ -195,6 +204,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
     fn layers_apply_in_order_and_unknown_keys_fail() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(
@@ -208,7 +218,10 @@ mod tests {
             assert_eq!(config.projector.poll_timeout, Duration::from_millis(50));
             assert_eq!(config.postgres.url.expose(), "postgres://elsewhere/db");
             assert_eq!(config.projector.max_batch_records, 500, "defaults stay");
-            assert!(!format!("{config:?}").contains("elsewhere"), "secrets never print");
+            assert!(
+                !format!("{config:?}").contains("elsewhere"),
+                "secrets never print"
+            );
 
             jail.set_env("MEMOS__HTTP__BINDD", "oops");
             let err = Config::figment(None).extract::<Config>().unwrap_err();

@@ -1,0 +1,141 @@
+//! Running the real `memos` binary as a child process, so a test can stop it gracefully or
+//! kill it with SIGKILL exactly as an operator or a crash would.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::stack::TestEnv;
+
+/// The `memos` binary next to the test binary's `deps/` folder (built by `cargo build`).
+pub fn memos_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .context("test binary has no parent")?;
+    let binary = dir.join("memos");
+    anyhow::ensure!(
+        binary.exists(),
+        "{} is missing: build it first with `cargo build -p memos` (scripts/test does)",
+        binary.display()
+    );
+    Ok(binary)
+}
+
+pub struct MemosProcess {
+    child: Child,
+    pub log: PathBuf,
+    /// `http://127.0.0.1:PORT` when the process serves the API.
+    pub base_url: Option<String>,
+}
+
+impl MemosProcess {
+    /// Starts `memos run <role>` for `env` plus `extra` variables, and waits until it is
+    /// serving (API roles) or has joined the group (projector).
+    pub async fn start(env: &TestEnv, role: &str, extra: &[(&str, &str)]) -> anyhow::Result<MemosProcess> {
+        let log = std::env::temp_dir().join(format!(
+            "{}-{role}-{}.log",
+            env.database,
+            uuid::Uuid::new_v4().simple()
+        ));
+        let file = std::fs::File::create(&log)?;
+        let mut command = Command::new(memos_binary()?);
+        command
+            .args(["run", role])
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        for (key, value) in env.process_env() {
+            command.env(key, value);
+        }
+        for (key, value) in extra {
+            command.env(key, value);
+        }
+        let child = command.spawn().context("spawn memos")?;
+        let mut process = MemosProcess {
+            child,
+            log,
+            base_url: None,
+        };
+        let marker = if role == "projector" {
+            "projector started"
+        } else {
+            "api listening"
+        };
+        let line = process.wait_for_log(marker, Duration::from_secs(60)).await?;
+        if role != "projector" {
+            let value: serde_json::Value = serde_json::from_str(&line)?;
+            let addr = value["fields"]["addr"]
+                .as_str()
+                .context("api listening line has no addr")?;
+            process.base_url = Some(format!("http://{addr}"));
+        }
+        Ok(process)
+    }
+
+    /// Waits until a log line contains `marker`, failing early if the process exits.
+    pub async fn wait_for_log(&mut self, marker: &str, deadline: Duration) -> anyhow::Result<String> {
+        let start = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| l.contains(marker)) {
+                return Ok(line.to_owned());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::bail!("memos exited ({status}) before logging {marker:?}; log:\n{text}");
+            }
+            if start.elapsed() > deadline {
+                anyhow::bail!("memos did not log {marker:?} within {deadline:?}; log:\n{text}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!(
+            "{}{path}",
+            self.base_url.as_deref().expect("process serves the API")
+        )
+    }
+
+    /// SIGKILL: no shutdown hook runs, as in a crash.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub async fn terminate(&mut self, deadline: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -TERM failed");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if start.elapsed() > deadline {
+                anyhow::bail!("memos did not stop within {deadline:?} after SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for MemosProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

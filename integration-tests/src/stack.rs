@@ -1,0 +1,156 @@
+//! A test's isolated slice of the local stack.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+
+/// The repository root (this crate lives one level below it).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// Reads `KEY=value` lines (with optional `export`) of `.stack/env`.
+fn stack_env_file() -> HashMap<String, String> {
+    let path = repo_root().join(".stack/env");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return HashMap::new();
+    };
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("export ").or(Some(line.trim())))
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split_once('='))
+        .map(|(k, v)| {
+            (
+                k.trim().to_owned(),
+                v.trim().trim_matches('"').trim_matches('\'').to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn setting(name: &str, file: &HashMap<String, String>) -> anyhow::Result<String> {
+    std::env::var(name)
+        .ok()
+        .or_else(|| file.get(name).cloned())
+        .with_context(|| {
+            format!("{name} is not set and .stack/env does not name it: run `scripts/stack up` first")
+        })
+}
+
+/// One test's own topics, database and Redis prefix on the shared stack.
+pub struct TestEnv {
+    pub brokers: String,
+    pub redis_url: String,
+    /// URL of this test's own database.
+    pub database_url: String,
+    admin_url: String,
+    pub database: String,
+    pub commands_topic: String,
+    pub dead_letter_topic: String,
+    pub group_id: String,
+    pub redis_prefix: String,
+    pub pool: PgPool,
+}
+
+impl TestEnv {
+    /// Creates a fresh database and names fresh topics (created by the first memos process).
+    pub async fn new() -> anyhow::Result<TestEnv> {
+        let file = stack_env_file();
+        let brokers = setting("MEMOS_KAFKA_BROKERS", &file)?;
+        let admin_url = setting("DATABASE_URL", &file)?;
+        let redis_url = setting("REDIS_URL", &file)?;
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let database = format!("memos_it_{}", &id[..12]);
+        let mut admin = PgConnection::connect(&admin_url)
+            .await
+            .context("connect to PostgreSQL")?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}")))
+            .execute(&mut admin)
+            .await?;
+        let database_url = match admin_url.rsplit_once('/') {
+            Some((server, _)) => format!("{server}/{database}"),
+            None => anyhow::bail!("DATABASE_URL has no database name: {admin_url}"),
+        };
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&database_url)
+            .await?;
+        Ok(TestEnv {
+            brokers,
+            redis_url,
+            database_url,
+            admin_url,
+            database,
+            commands_topic: format!("memos.it.{id}.memory.commands"),
+            dead_letter_topic: format!("memos.it.{id}.dlq"),
+            group_id: format!("memos-it-{id}"),
+            redis_prefix: format!("memos-it-{id}"),
+            pool,
+        })
+    }
+
+    /// Environment for a `memos` process bound to this test's resources.
+    pub fn process_env(&self) -> Vec<(String, String)> {
+        [
+            ("MEMOS_KAFKA_BROKERS", self.brokers.as_str()),
+            ("DATABASE_URL", self.database_url.as_str()),
+            ("REDIS_URL", self.redis_url.as_str()),
+            ("MEMOS__TOPICS__MEMORY_COMMANDS", self.commands_topic.as_str()),
+            ("MEMOS__TOPICS__DEAD_LETTER", self.dead_letter_topic.as_str()),
+            ("MEMOS__TOPICS__PARTITIONS", "3"),
+            ("MEMOS__PROJECTOR__GROUP_ID", self.group_id.as_str()),
+            ("MEMOS__REDIS__KEY_PREFIX", self.redis_prefix.as_str()),
+            ("MEMOS__HTTP__BIND", "127.0.0.1:0"),
+            ("RUST_LOG", "info"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    }
+
+    pub fn kafka_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        config
+    }
+
+    /// End offsets (high watermarks) of every partition of `topic`.
+    pub fn high_watermarks(&self, topic: &str) -> anyhow::Result<Vec<(i32, i64)>> {
+        let consumer: BaseConsumer = self.kafka_config().create()?;
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let partitions = metadata
+            .topics()
+            .first()
+            .map(|t| t.partitions().iter().map(|p| p.id()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        partitions
+            .into_iter()
+            .map(|p| {
+                let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+                Ok((p, high))
+            })
+            .collect()
+    }
+
+    /// Drops this test's database (best effort; the topics stay, they are cheap).
+    pub async fn cleanup(self) {
+        self.pool.close().await;
+        if let Ok(mut admin) = PgConnection::connect(&self.admin_url).await {
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.database
+            )))
+            .execute(&mut admin)
+            .await;
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! End-to-end suites against the real stack, compiled into one test binary.
+
+mod crash;
+mod dead_letters;
+mod memory_path;
