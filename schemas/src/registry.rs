@@ -71,6 +71,9 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
+    /// Every value [`DecodeError::class`] can take.
+    pub const CLASSES: &'static [&'static str] = &["not_avro", "unknown_schema", "malformed", "invalid"];
+
     /// A stable, low-cardinality class for metrics and dead-letter headers.
     pub fn class(&self) -> &'static str {
         match self {

@@ -2,9 +2,10 @@
 //! resolves only after every in-sync replica has the record, and librdkafka's own retries
 //! never duplicate or reorder it within a partition.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use memos_runtime::config::KafkaConfig;
+use memos_runtime::metrics as m;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -70,12 +71,33 @@ impl CommandProducer {
             })
         });
         let record = FutureRecord::to(topic).key(key).payload(payload).headers(headers);
-        match self.inner.send(record, Timeout::Never).await {
-            Ok(delivery) => Ok(Delivered {
-                partition: delivery.partition,
-                offset: delivery.offset,
-            }),
-            Err((e, _)) => Err(classify(e)),
+        let start = Instant::now();
+        let sent = self.inner.send(record, Timeout::Never);
+        metrics::gauge!(m::PRODUCER_QUEUE).set(f64::from(self.inner.in_flight_count()));
+        let result = sent.await;
+        metrics::gauge!(m::PRODUCER_QUEUE).set(f64::from(self.inner.in_flight_count()));
+        match result {
+            Ok(delivery) => {
+                let topic = topic.to_owned();
+                metrics::histogram!(m::PRODUCER_SECONDS, "topic" => topic.clone())
+                    .record(start.elapsed().as_secs_f64());
+                metrics::counter!(m::PRODUCER_RECORDS, "topic" => topic.clone()).increment(1);
+                metrics::counter!(m::PRODUCER_BYTES, "topic" => topic).increment(payload.len() as u64);
+                Ok(Delivered {
+                    partition: delivery.partition,
+                    offset: delivery.offset,
+                })
+            }
+            Err((e, _)) => {
+                let error = classify(e);
+                let kind = match error {
+                    ProduceError::TooLarge(_) => "too_large",
+                    ProduceError::Unavailable(_) => "unavailable",
+                };
+                metrics::counter!(m::PRODUCER_ERRORS, "topic" => topic.to_owned(), "kind" => kind)
+                    .increment(1);
+                Err(error)
+            }
         }
     }
 

@@ -52,6 +52,11 @@ pub struct MemoryView {
     pub log_offset: i64,
 }
 
+/// Why a command is rejected: the first word of the recorded reason, a metric label.
+pub const MEMORY_EXISTS: &str = "memory_exists";
+/// Every rejection reason.
+pub const REJECTION_REASONS: &[&str] = &[MEMORY_EXISTS];
+
 /// What applying a batch of writes decided.
 #[derive(Debug, Default)]
 pub struct WriteOutcome {

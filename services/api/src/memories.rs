@@ -14,6 +14,9 @@ use memos_schemas::{MemoryCommand, Tier, WriteMemory};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use memos_runtime::metrics::{self as m, observe};
+use memos_runtime::telemetry;
+
 use crate::error::ApiError;
 use crate::server::AppState;
 
@@ -67,10 +70,12 @@ pub async fn write(
             .to_owned(),
         None => request.agent_id.clone(),
     };
-    let traceparent = headers
-        .get(headers::TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    // The request span continues the caller's trace (see server::observe); the command
+    // carries that span's context through Kafka to the projector.
+    let (traceparent, tracestate) = match telemetry::current_traceparent() {
+        Some((parent, state)) => (Some(parent), state),
+        None => (None, None),
+    };
     let metadata = match request.metadata {
         None => serde_json::Value::Object(Default::default()),
         Some(value @ serde_json::Value::Object(_)) => value,
@@ -116,6 +121,9 @@ pub async fn write(
     if let Some(tp) = &traceparent {
         record_headers.push((headers::TRACEPARENT, tp.as_str()));
     }
+    if let Some(ts) = &tracestate {
+        record_headers.push((headers::TRACESTATE, ts.as_str()));
+    }
     let delivered = state
         .producer
         .send(topic, command.namespace(), &payload, &record_headers)
@@ -152,17 +160,29 @@ fn parse_uuid(field: &str, value: &str) -> Result<Uuid, ApiError> {
 
 pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let memory_id = parse_uuid("memory_id", &id)?;
-    match state.hot.get_memory(&id).await {
+    match observe(
+        m::REDIS_SECONDS,
+        m::REDIS_ERRORS,
+        "get_memory",
+        state.hot.get_memory(&id),
+    )
+    .await
+    {
         Ok(Some(doc)) => {
             return Ok(([(header::CONTENT_TYPE, "application/json")], doc).into_response());
         }
         Ok(None) => {}
         Err(e) => tracing::warn!(error = %e, "hot view unavailable; reading PostgreSQL"),
     }
-    let memory = memories::get(&state.pool, memory_id)
-        .await
-        .map_err(|e| ApiError::internal("cannot read the memory", e))?
-        .ok_or_else(|| ApiError::not_found(format!("no memory {memory_id}")))?;
+    let memory = observe(
+        m::POSTGRES_SECONDS,
+        m::POSTGRES_ERRORS,
+        "get_memory",
+        memories::get(&state.pool, memory_id),
+    )
+    .await
+    .map_err(|e| ApiError::internal("cannot read the memory", e))?
+    .ok_or_else(|| ApiError::not_found(format!("no memory {memory_id}")))?;
     Ok(Json(memory).into_response())
 }
 
@@ -208,7 +228,8 @@ pub async fn list(
         return Err(ApiError::bad_request(format!("limit must be 1 to {MAX_PAGE}")).with_field("limit"));
     }
     let after = params.cursor.as_deref().map(decode_cursor).transpose()?;
-    let items = memories::list(&state.pool, &agent, after, limit)
+    let list = memories::list(&state.pool, &agent, after, limit);
+    let items = observe(m::POSTGRES_SECONDS, m::POSTGRES_ERRORS, "list_memories", list)
         .await
         .map_err(|e| ApiError::internal("cannot list memories", e))?;
     let next_cursor = (items.len() as i64 == limit)

@@ -5,9 +5,9 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -15,10 +15,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use memos_kafka::CommandProducer;
 use memos_redis::HotViews;
-use memos_runtime::Config;
+use memos_runtime::metrics as m;
+use memos_runtime::{Config, telemetry};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::error::ApiError;
 use crate::memories;
@@ -42,9 +44,74 @@ pub fn router(state: AppState) -> Router {
         .nest("/v1", v1)
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(render_metrics))
         .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(middleware::from_fn(observe))
         .layer(DefaultBodyLimit::max(state.config.http.max_body_bytes))
         .with_state(state)
+}
+
+/// The routes of a process without the API (the projector role): health and metrics.
+pub fn operations_router() -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(render_metrics))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(middleware::from_fn(observe))
+}
+
+/// Prometheus text exposition of this process's metrics.
+pub async fn render_metrics() -> Response {
+    match memos_runtime::metrics::handle() {
+        Some(handle) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => ApiError::unavailable("metrics recorder not installed").into_response(),
+    }
+}
+
+/// One span per request, continuing the caller's W3C trace; request count, latency and
+/// in-flight gauge by route template (never the raw path, so ids do not become labels).
+async fn observe(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    let (traceparent, tracestate) = {
+        let header = |name: &str| {
+            request
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        (header("traceparent"), header("tracestate"))
+    };
+    let span = tracing::info_span!(
+        "http",
+        otel.name = %format!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    telemetry::set_remote_parent(&span, traceparent.as_deref(), tracestate.as_deref());
+    let in_flight = metrics::gauge!(m::HTTP_IN_FLIGHT);
+    in_flight.increment(1.0);
+    let start = Instant::now();
+    let response = next.run(request).instrument(span.clone()).await;
+    in_flight.decrement(1.0);
+    let status = response.status().as_u16();
+    span.record("http.response.status_code", status);
+    metrics::histogram!(m::HTTP_SECONDS, "method" => method.clone(), "route" => route.clone())
+        .record(start.elapsed().as_secs_f64());
+    metrics::counter!(m::HTTP_REQUESTS, "method" => method, "route" => route, "status" => status.to_string())
+        .increment(1);
+    response
 }
 
 /// Checks the bearer token when one is configured.
@@ -96,6 +163,14 @@ pub struct Api {
 
 impl Api {
     pub async fn bind(state: AppState) -> std::io::Result<Api> {
+        let topic = state.config.topics.memory_commands.clone();
+        for kind in ["too_large", "unavailable"] {
+            metrics::counter!(m::PRODUCER_ERRORS, "topic" => topic.clone(), "kind" => kind).increment(0);
+        }
+        for op in ["get_memory", "list_memories"] {
+            metrics::counter!(m::POSTGRES_ERRORS, "op" => op).increment(0);
+        }
+        metrics::counter!(m::REDIS_ERRORS, "op" => "get_memory").increment(0);
         let listener = TcpListener::bind(state.config.http.bind).await?;
         let producer = state.producer.clone();
         Ok(Api {

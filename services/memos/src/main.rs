@@ -45,7 +45,12 @@ enum Role {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = Arc::new(Config::load().context("invalid configuration")?);
-    telemetry::init();
+    let role_name = match &cli.command {
+        Command::Run { role } => role.to_possible_value().expect("named").get_name().to_owned(),
+        _ => "admin".to_owned(),
+    };
+    let _telemetry = telemetry::init(&config.telemetry, &role_name)?;
+    memos_runtime::metrics::install(&role_name);
     match cli.command {
         Command::Run { role } => run(config, role).await,
         Command::CreateTopics => ensure_topics(&config.kafka, &memory_topics(&config.topics)).await,
@@ -82,7 +87,7 @@ async fn run(config: Arc<Config>, role: Role) -> anyhow::Result<()> {
 
     let projector = if role != Role::Api {
         let projector = Projector::new(&config, pool.clone(), hot.clone(), producer.clone())?;
-        let thread = projector.spawn(shutdown.child_token());
+        let thread = projector.spawn(shutdown.child_token())?;
         // If the projector thread ends on its own, stop the whole process.
         let stop = shutdown.clone();
         Some(tokio::task::spawn_blocking(move || {
@@ -106,7 +111,14 @@ async fn run(config: Arc<Config>, role: Role) -> anyhow::Result<()> {
             .with_context(|| format!("cannot bind {}", config.http.bind))?;
         api.run_until_stopped(shutdown.clone()).await?;
     } else {
-        shutdown.cancelled().await;
+        // The projector role serves only /healthz and /metrics.
+        let listener = tokio::net::TcpListener::bind(config.http.bind)
+            .await
+            .with_context(|| format!("cannot bind {}", config.http.bind))?;
+        tracing::info!(addr = %listener.local_addr()?, "operations endpoint listening");
+        axum::serve(listener, memos_api::server::operations_router())
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .await?;
     }
     shutdown.cancel();
     if let Some(projector) = projector

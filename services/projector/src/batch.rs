@@ -24,6 +24,9 @@ pub struct Record {
     /// Record timestamp in Unix milliseconds, when the broker has one.
     pub timestamp_ms: Option<i64>,
     pub key: Option<Vec<u8>>,
+    /// W3C trace context of the producer, from the record headers.
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
     pub payload: Option<Vec<u8>>,
 }
 
@@ -137,10 +140,6 @@ pub fn prepare(records: &[Record]) -> Prepared {
 pub async fn dead_letter(sinks: &Sinks, records: &[Record], prepared: &Prepared) -> Result<(), ProduceError> {
     for dead in &prepared.dead {
         let record = &records[dead.index];
-        tracing::warn!(
-            topic = %sinks.topic, partition = record.partition, offset = record.offset,
-            class = dead.class, reason = %dead.message, "record dead-lettered"
-        );
         dlq::send(
             &sinks.producer,
             &sinks.dead_letter_topic,

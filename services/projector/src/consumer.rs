@@ -7,9 +7,12 @@
 //! Precondition: the consumer is polled from a thread outside the tokio runtime (the
 //! callback blocks on the database through the runtime handle).
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use memos_runtime::config::{KafkaConfig, ProjectorConfig};
+use memos_runtime::metrics::{self as m, observe};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaResult;
 use rdkafka::types::RDKafkaRespErr;
@@ -17,11 +20,17 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio::runtime::Handle;
 
+/// Next offset to apply per assigned partition: set from PostgreSQL on assignment, moved
+/// forward after each committed batch, removed on revocation. The lag monitor reads it.
+pub type Positions = Arc<Mutex<BTreeMap<i32, i64>>>;
+
 /// Rebalance handling that seeks to the offsets stored with the views.
 pub struct SeekToStored {
     pub pool: PgPool,
     pub handle: Handle,
     pub projection: String,
+    pub group: String,
+    pub positions: Positions,
 }
 
 impl ClientContext for SeekToStored {}
@@ -35,11 +44,9 @@ impl SeekToStored {
         for topic in topics {
             let mut backoff = Duration::from_millis(100);
             let stored = loop {
-                match self.handle.block_on(memos_postgres::offsets::load(
-                    &self.pool,
-                    &self.projection,
-                    &topic,
-                )) {
+                let load = memos_postgres::offsets::load(&self.pool, &self.projection, &topic);
+                let load = observe(m::POSTGRES_SECONDS, m::POSTGRES_ERRORS, "load_offsets", load);
+                match self.handle.block_on(load) {
                     Ok(stored) => break stored,
                     Err(e) => {
                         tracing::warn!(error = %e, %topic, "cannot read stored offsets; retrying");
@@ -57,6 +64,11 @@ impl SeekToStored {
                 let offset = stored
                     .get(&partition)
                     .map_or(Offset::Beginning, |o| Offset::Offset(*o));
+                let position = stored.get(&partition).copied().unwrap_or(0);
+                self.positions
+                    .lock()
+                    .expect("positions lock")
+                    .insert(partition, position);
                 if let Err(e) = tpl.set_partition_offset(&topic, partition, offset) {
                     tracing::error!(error = %e, %topic, partition, "cannot set assignment offset");
                 }
@@ -71,6 +83,8 @@ impl ConsumerContext for SeekToStored {
         let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                metrics::counter!(m::CONSUMER_REBALANCES, "group" => self.group.clone(), "kind" => "assign")
+                    .increment(1);
                 self.set_stored_offsets(tpl);
                 if cooperative {
                     consumer.incremental_assign(tpl)
@@ -79,8 +93,16 @@ impl ConsumerContext for SeekToStored {
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                metrics::counter!(m::CONSUMER_REBALANCES, "group" => self.group.clone(), "kind" => "revoke")
+                    .increment(1);
                 for e in tpl.elements() {
                     tracing::info!(topic = e.topic(), partition = e.partition(), "partition revoked");
+                    self.positions
+                        .lock()
+                        .expect("positions lock")
+                        .remove(&e.partition());
+                    // Another member reports this partition's lag from now on.
+                    metrics::gauge!(m::CONSUMER_LAG, "group" => self.group.clone(), "topic" => e.topic().to_owned(), "partition" => e.partition().to_string()).set(0.0);
                 }
                 if cooperative {
                     consumer.incremental_unassign(tpl)
@@ -96,6 +118,8 @@ impl ConsumerContext for SeekToStored {
         if let Err(e) = result {
             tracing::error!(error = %e, "cannot apply rebalance");
         }
+        let assigned = self.positions.lock().expect("positions lock").len();
+        metrics::gauge!(m::CONSUMER_ASSIGNED, "group" => self.group.clone()).set(assigned as f64);
     }
 }
 

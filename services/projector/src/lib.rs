@@ -9,10 +9,12 @@
 //!
 //! - [`consumer`]: the Kafka consumer that seeks to stored offsets on assignment.
 //! - [`batch`]: one unit of work: decode, dead-letter, apply, cache.
+//! - [`lag`]: measures consumer lag from the broker's end offsets and the applied positions.
 //! - [`worker`]: the loop that takes batches adaptively and drives [`batch`].
 
 pub mod batch;
 pub mod consumer;
+pub mod lag;
 pub mod worker;
 
 pub use worker::Projector;

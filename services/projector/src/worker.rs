@@ -12,21 +12,30 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use memos_kafka::CommandProducer;
+use memos_kafka::headers;
 use memos_redis::HotViews;
-use memos_runtime::Config;
+use memos_runtime::config::KafkaConfig;
+use memos_runtime::metrics::{self as m, observe};
+use memos_runtime::{Config, telemetry};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{self, Record, Report, Sinks};
-use crate::consumer::{self, SeekToStored};
+use crate::consumer::{self, Positions, SeekToStored};
+use crate::lag;
 
 pub struct Projector {
     sinks: Sinks,
     consumer: BaseConsumer<SeekToStored>,
     handle: Handle,
+    group: String,
+    positions: Positions,
+    kafka: KafkaConfig,
+    lag_interval: Duration,
     max_records: usize,
     max_bytes: usize,
     poll_timeout: Duration,
@@ -46,12 +55,16 @@ impl Projector {
         producer: CommandProducer,
     ) -> anyhow::Result<Self> {
         let handle = Handle::current();
+        let positions = Positions::default();
         let context = SeekToStored {
             pool: pool.clone(),
             handle: handle.clone(),
             projection: crate::MEMORY_PROJECTION.to_owned(),
+            group: config.projector.group_id.clone(),
+            positions: positions.clone(),
         };
         let consumer = consumer::create(&config.kafka, &config.projector, context)?;
+        register_series(config);
         consumer.subscribe(&[config.topics.memory_commands.as_str()])?;
         Ok(Projector {
             sinks: Sinks {
@@ -64,6 +77,10 @@ impl Projector {
             },
             consumer,
             handle,
+            group: config.projector.group_id.clone(),
+            positions,
+            kafka: config.kafka.clone(),
+            lag_interval: config.telemetry.lag_interval,
             max_records: config.projector.max_batch_records,
             max_bytes: config.projector.max_batch_bytes,
             poll_timeout: config.projector.poll_timeout,
@@ -73,11 +90,21 @@ impl Projector {
 
     /// Runs the loop on a dedicated thread (the consumer blocks); the returned handle ends
     /// when the loop has drained after `shutdown`.
-    pub fn spawn(self, shutdown: CancellationToken) -> std::thread::JoinHandle<()> {
-        std::thread::Builder::new()
+    pub fn spawn(self, shutdown: CancellationToken) -> anyhow::Result<std::thread::JoinHandle<()>> {
+        let lag = lag::spawn(
+            &self.kafka,
+            self.group.clone(),
+            self.sinks.topic.clone(),
+            self.positions.clone(),
+            self.lag_interval,
+            shutdown.clone(),
+        )?;
+        Ok(std::thread::Builder::new()
             .name("memos-projector".into())
-            .spawn(move || self.run(shutdown))
-            .expect("spawn projector thread")
+            .spawn(move || {
+                self.run(shutdown);
+                let _ = lag.join();
+            })?)
     }
 
     fn run(self, shutdown: CancellationToken) {
@@ -95,6 +122,13 @@ impl Projector {
                         let next = progress.entry(record.partition).or_insert(0);
                         *next = (record.offset + 1).max(*next);
                     }
+                    let mut positions = self.positions.lock().expect("positions lock");
+                    for (partition, next) in &progress {
+                        if let Some(position) = positions.get_mut(partition) {
+                            *position = (*position).max(*next);
+                        }
+                    }
+                    drop(positions);
                     self.report_progress(&progress, CommitMode::Async);
                 }
                 Err(Abandoned) => break,
@@ -115,11 +149,23 @@ impl Projector {
                 None => break,
                 Some(Ok(message)) => {
                     bytes += message.payload_len();
+                    let header = |name: &str| {
+                        message.headers().and_then(|headers| {
+                            headers
+                                .iter()
+                                .find(|h| h.key == name)
+                                .and_then(|h| h.value)
+                                .and_then(|v| std::str::from_utf8(v).ok())
+                                .map(str::to_owned)
+                        })
+                    };
                     records.push(Record {
                         partition: message.partition(),
                         offset: message.offset(),
                         timestamp_ms: message.timestamp().to_millis(),
                         key: message.key().map(<[u8]>::to_vec),
+                        traceparent: header(headers::TRACEPARENT),
+                        tracestate: header(headers::TRACESTATE),
                         payload: message.payload().map(<[u8]>::to_vec),
                     });
                     timeout = Duration::ZERO;
@@ -130,20 +176,87 @@ impl Projector {
                 }
             }
         }
+        if !records.is_empty() {
+            let labels = [("group", self.group.clone()), ("topic", self.sinks.topic.clone())];
+            metrics::counter!(m::CONSUMER_RECORDS, &labels).increment(records.len() as u64);
+            metrics::counter!(m::CONSUMER_BYTES, &labels).increment(bytes as u64);
+        }
         records
     }
 
     fn process(&self, records: &[Record], shutdown: &CancellationToken) -> Result<Report, Abandoned> {
-        let started = Instant::now();
+        let batch_span = tracing::info_span!(
+            "projector.batch",
+            records = records.len(),
+            trace_id = tracing::field::Empty
+        );
+        telemetry::record_trace_id(&batch_span);
+        let _batch = batch_span.enter();
         let prepared = batch::prepare(records);
-        self.retry("dead-letter", shutdown, || {
+        // One span per record, child of the span that appended it, so a trace runs from the
+        // HTTP request through Kafka to the view; the spans end when the batch is cached.
+        let record_spans: Vec<tracing::Span> = records
+            .iter()
+            .map(|record| {
+                let span = tracing::info_span!(
+                    parent: None,
+                    "projector.apply",
+                    otel.name = "memos.projector.apply",
+                    otel.kind = "consumer",
+                    messaging.destination.name = %self.sinks.topic,
+                    messaging.kafka.partition = record.partition,
+                    messaging.kafka.offset = record.offset,
+                    trace_id = tracing::field::Empty,
+                );
+                span.follows_from(&batch_span);
+                telemetry::set_remote_parent(
+                    &span,
+                    record.traceparent.as_deref(),
+                    record.tracestate.as_deref(),
+                );
+                span
+            })
+            .collect();
+
+        let projection = self.sinks.projection.clone();
+        self.retry("dead_letter", shutdown, || {
             batch::dead_letter(&self.sinks, records, &prepared)
         })?;
-        let (outcome, already_applied) =
-            self.retry("apply", shutdown, || batch::apply(&self.sinks, &prepared))?;
-        // Redis is derived: once PostgreSQL has committed, a Redis outage must not undo or
-        // block the offsets, but the copy is retried so the cache does not serve stale data.
-        self.retry("cache", shutdown, || batch::cache(&self.sinks, &outcome))?;
+        for dead in &prepared.dead {
+            let record = &records[dead.index];
+            record_spans[dead.index].in_scope(|| {
+                tracing::warn!(
+                    partition = record.partition, offset = record.offset,
+                    class = dead.class, reason = %dead.message, "record dead-lettered"
+                )
+            });
+            metrics::counter!(m::DLQ_RECORDS, "source" => self.sinks.topic.clone(), "reason" => dead.class)
+                .increment(1);
+        }
+        let apply_started = Instant::now();
+        let (outcome, already_applied) = self.retry("apply", shutdown, || {
+            observe(
+                m::POSTGRES_SECONDS,
+                m::POSTGRES_ERRORS,
+                "apply_batch",
+                batch::apply(&self.sinks, &prepared),
+            )
+        })?;
+        metrics::histogram!(m::PROJECTOR_APPLY_SECONDS, "projection" => projection.clone())
+            .record(apply_started.elapsed().as_secs_f64());
+        let committed_ms = chrono::Utc::now().timestamp_millis();
+        // Redis is derived: once PostgreSQL has committed, a Redis outage pauses the loop (the
+        // copy is retried so the cache does not serve stale data) but never undoes offsets.
+        self.retry("cache", shutdown, || {
+            observe(
+                m::REDIS_SECONDS,
+                m::REDIS_ERRORS,
+                "put_memories",
+                batch::cache(&self.sinks, &outcome),
+            )
+        })?;
+        drop(record_spans);
+
         let report = Report {
             records: records.len(),
             applied: outcome.applied.len(),
@@ -152,8 +265,43 @@ impl Projector {
             dead_lettered: prepared.dead.len(),
             already_applied,
         };
-        tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "batch applied");
+        self.record_batch(records, &report, &outcome.rejected, committed_ms);
         Ok(report)
+    }
+
+    fn record_batch(
+        &self,
+        records: &[Record],
+        report: &Report,
+        rejected: &[(uuid::Uuid, String)],
+        committed_ms: i64,
+    ) {
+        let projection = self.sinks.projection.clone();
+        metrics::histogram!(m::PROJECTOR_BATCH_RECORDS, "projection" => projection.clone())
+            .record(records.len() as f64);
+        let freshness =
+            metrics::histogram!(m::PROJECTOR_FRESHNESS_SECONDS, "projection" => projection.clone());
+        for record in records {
+            if let Some(ts) = record.timestamp_ms {
+                freshness.record((committed_ms - ts).max(0) as f64 / 1000.0);
+            }
+        }
+        for (outcome, count) in [
+            ("applied", report.applied),
+            ("rejected", report.rejected),
+            ("duplicate", report.duplicates),
+            ("already_applied", report.already_applied),
+        ] {
+            metrics::counter!(m::PROJECTOR_COMMANDS, "projection" => projection.clone(), "outcome" => outcome)
+                .increment(count as u64);
+        }
+        for (_, reason) in rejected {
+            let reason = reason.split(':').next().unwrap_or("unknown").to_owned();
+            metrics::counter!(m::PROJECTOR_REJECTED, "projection" => projection.clone(), "reason" => reason)
+                .increment(1);
+        }
+        metrics::gauge!(m::PROJECTOR_LAST_APPLIED, "projection" => projection)
+            .set(committed_ms as f64 / 1000.0);
     }
 
     /// Runs `op` until it succeeds, backing off exponentially; gives up only on shutdown.
@@ -168,6 +316,8 @@ impl Projector {
             match self.handle.block_on(op()) {
                 Ok(value) => return Ok(value),
                 Err(e) => {
+                    metrics::counter!(m::PROJECTOR_RETRIES, "projection" => self.sinks.projection.clone(), "step" => what.to_owned())
+                        .increment(1);
                     tracing::warn!(error = %e, step = what, backoff_ms = backoff.as_millis() as u64, "projector step failed; retrying");
                     let cancelled = self.handle.block_on(async {
                         tokio::select! {
@@ -197,4 +347,30 @@ impl Projector {
             tracing::debug!(error = %e, "progress commit failed");
         }
     }
+}
+
+/// Registers at zero every series whose label values are known up front, so dashboards and
+/// alerts see a flat line instead of no data until the first failure.
+fn register_series(config: &Config) {
+    let projection = crate::MEMORY_PROJECTION;
+    let topic = config.topics.memory_commands.clone();
+    for reason in memos_schemas::DecodeError::CLASSES.iter().chain(&["empty"]) {
+        metrics::counter!(m::DLQ_RECORDS, "source" => topic.clone(), "reason" => *reason).increment(0);
+    }
+    for step in ["dead_letter", "apply", "cache"] {
+        metrics::counter!(m::PROJECTOR_RETRIES, "projection" => projection, "step" => step).increment(0);
+    }
+    for reason in memos_postgres::memories::REJECTION_REASONS {
+        metrics::counter!(m::PROJECTOR_REJECTED, "projection" => projection, "reason" => *reason)
+            .increment(0);
+    }
+    for op in ["apply_batch", "load_offsets"] {
+        metrics::counter!(m::POSTGRES_ERRORS, "op" => op).increment(0);
+    }
+    metrics::counter!(m::REDIS_ERRORS, "op" => "put_memories").increment(0);
+    for kind in ["assign", "revoke"] {
+        metrics::counter!(m::CONSUMER_REBALANCES, "group" => config.projector.group_id.clone(), "kind" => kind)
+            .increment(0);
+    }
+    metrics::gauge!(m::CONSUMER_ASSIGNED, "group" => config.projector.group_id.clone()).set(0.0);
 }

@@ -47,6 +47,29 @@ pub struct Config {
     pub redis: RedisConfig,
     pub http: HttpConfig,
     pub projector: ProjectorConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+/// Wire format of OTLP trace export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OtlpProtocol {
+    HttpProtobuf,
+    HttpJson,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// OTLP/HTTP endpoint of a collector (e.g. `http://127.0.0.1:4318`); unset: no export.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    pub otlp_protocol: OtlpProtocol,
+    /// `service.name` of exported spans.
+    pub service_name: String,
+    /// How often the projector measures its consumer lag.
+    #[serde(with = "humantime_serde")]
+    pub lag_interval: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -167,6 +190,12 @@ impl Default for Config {
                 poll_timeout: Duration::from_millis(200),
                 session_timeout: Duration::from_secs(10),
                 max_retry_backoff: Duration::from_secs(10),
+            },
+            telemetry: TelemetryConfig {
+                otlp_endpoint: None,
+                otlp_protocol: OtlpProtocol::HttpProtobuf,
+                service_name: "memos".into(),
+                lag_interval: Duration::from_secs(5),
             },
         }
     }

@@ -1,10 +1,12 @@
 //! What every memOS process shares: typed layered configuration, logging, and shutdown.
 //!
 //! - [`config`]: defaults, then a TOML file, then environment; unknown keys are errors.
-//! - [`telemetry`]: JSON log lines with the level taken from the environment.
+//! - [`telemetry`]: JSON log lines with trace ids, OpenTelemetry traces over OTLP.
+//! - [`metrics`]: the catalogue of Prometheus metrics and the recorder that exports them.
 //! - [`shutdown`]: one cancellation token tripped by SIGINT or SIGTERM.
 
 pub mod config;
+pub mod metrics;
 pub mod shutdown;
 pub mod telemetry;
 

@@ -1,0 +1,295 @@
+//! The metrics every memOS process exports on `/metrics` (Prometheus text format).
+//!
+//! [`CATALOGUE`] is the single list of metric names, kinds, labels and meanings: processes
+//! describe exactly these, `docs/operations.md` documents exactly these (a test compares
+//! them), and every dashboard panel and alert rule may use only these (an integration test
+//! asks a real Prometheus for each of its expressions).
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// What kind of series a metric is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// One exported metric.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricDef {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub labels: &'static [&'static str],
+    pub help: &'static str,
+}
+
+pub const CONSUMER_LAG: &str = "memos_consumer_lag_records";
+pub const CONSUMER_RECORDS: &str = "memos_consumer_records_total";
+pub const CONSUMER_BYTES: &str = "memos_consumer_bytes_total";
+pub const CONSUMER_REBALANCES: &str = "memos_consumer_rebalances_total";
+pub const CONSUMER_ASSIGNED: &str = "memos_consumer_assigned_partitions";
+pub const PROJECTOR_BATCH_RECORDS: &str = "memos_projector_batch_records";
+pub const PROJECTOR_APPLY_SECONDS: &str = "memos_projector_apply_seconds";
+pub const PROJECTOR_FRESHNESS_SECONDS: &str = "memos_projector_freshness_seconds";
+pub const PROJECTOR_COMMANDS: &str = "memos_projector_commands_total";
+pub const PROJECTOR_REJECTED: &str = "memos_projector_rejected_total";
+pub const PROJECTOR_RETRIES: &str = "memos_projector_retries_total";
+pub const PROJECTOR_LAST_APPLIED: &str = "memos_projector_last_applied_timestamp_seconds";
+pub const DLQ_RECORDS: &str = "memos_dlq_records_total";
+pub const POSTGRES_SECONDS: &str = "memos_postgres_operation_seconds";
+pub const POSTGRES_ERRORS: &str = "memos_postgres_errors_total";
+pub const REDIS_SECONDS: &str = "memos_redis_operation_seconds";
+pub const REDIS_ERRORS: &str = "memos_redis_errors_total";
+pub const PRODUCER_RECORDS: &str = "memos_producer_records_total";
+pub const PRODUCER_BYTES: &str = "memos_producer_bytes_total";
+pub const PRODUCER_ERRORS: &str = "memos_producer_delivery_errors_total";
+pub const PRODUCER_SECONDS: &str = "memos_producer_delivery_seconds";
+pub const PRODUCER_QUEUE: &str = "memos_producer_queue_depth";
+pub const HTTP_REQUESTS: &str = "memos_http_requests_total";
+pub const HTTP_SECONDS: &str = "memos_http_request_duration_seconds";
+pub const HTTP_IN_FLIGHT: &str = "memos_http_requests_in_flight";
+pub const BUILD_INFO: &str = "memos_build_info";
+
+use Kind::{Counter, Gauge, Histogram};
+
+/// Every metric memOS exports.
+pub const CATALOGUE: &[MetricDef] = &[
+    MetricDef {
+        name: CONSUMER_LAG,
+        kind: Gauge,
+        labels: &["group", "topic", "partition"],
+        help: "Records in the partition not yet applied by the group: log end offset minus the next offset to apply. Kept up to date while the partition is paused.",
+    },
+    MetricDef {
+        name: CONSUMER_RECORDS,
+        kind: Counter,
+        labels: &["group", "topic"],
+        help: "Records consumed.",
+    },
+    MetricDef {
+        name: CONSUMER_BYTES,
+        kind: Counter,
+        labels: &["group", "topic"],
+        help: "Payload bytes consumed.",
+    },
+    MetricDef {
+        name: CONSUMER_REBALANCES,
+        kind: Counter,
+        labels: &["group", "kind"],
+        help: "Partition assignments (kind=assign) and revocations (kind=revoke).",
+    },
+    MetricDef {
+        name: CONSUMER_ASSIGNED,
+        kind: Gauge,
+        labels: &["group"],
+        help: "Partitions currently assigned to this process.",
+    },
+    MetricDef {
+        name: PROJECTOR_BATCH_RECORDS,
+        kind: Histogram,
+        labels: &["projection"],
+        help: "Records per applied batch.",
+    },
+    MetricDef {
+        name: PROJECTOR_APPLY_SECONDS,
+        kind: Histogram,
+        labels: &["projection"],
+        help: "Time to apply one batch in PostgreSQL, offsets included, until commit.",
+    },
+    MetricDef {
+        name: PROJECTOR_FRESHNESS_SECONDS,
+        kind: Histogram,
+        labels: &["projection"],
+        help: "End-to-end freshness: time the view committed a record minus the record's Kafka timestamp.",
+    },
+    MetricDef {
+        name: PROJECTOR_COMMANDS,
+        kind: Counter,
+        labels: &["projection", "outcome"],
+        help: "Commands decided, by outcome: applied, rejected, duplicate (command id seen before), already_applied (redelivered offset).",
+    },
+    MetricDef {
+        name: PROJECTOR_REJECTED,
+        kind: Counter,
+        labels: &["projection", "reason"],
+        help: "Commands rejected by the apply logic, by reason.",
+    },
+    MetricDef {
+        name: PROJECTOR_RETRIES,
+        kind: Counter,
+        labels: &["projection", "step"],
+        help: "Retries of a failing projector step (dead_letter, apply, cache) while a dependency is down.",
+    },
+    MetricDef {
+        name: PROJECTOR_LAST_APPLIED,
+        kind: Gauge,
+        labels: &["projection"],
+        help: "Unix time of the last committed batch.",
+    },
+    MetricDef {
+        name: DLQ_RECORDS,
+        kind: Counter,
+        labels: &["source", "reason"],
+        help: "Records sent to the dead-letter topic, by source topic and error class.",
+    },
+    MetricDef {
+        name: POSTGRES_SECONDS,
+        kind: Histogram,
+        labels: &["op"],
+        help: "PostgreSQL operation latency.",
+    },
+    MetricDef {
+        name: POSTGRES_ERRORS,
+        kind: Counter,
+        labels: &["op"],
+        help: "PostgreSQL operations that failed.",
+    },
+    MetricDef {
+        name: REDIS_SECONDS,
+        kind: Histogram,
+        labels: &["op"],
+        help: "Redis operation latency.",
+    },
+    MetricDef {
+        name: REDIS_ERRORS,
+        kind: Counter,
+        labels: &["op"],
+        help: "Redis operations that failed.",
+    },
+    MetricDef {
+        name: PRODUCER_RECORDS,
+        kind: Counter,
+        labels: &["topic"],
+        help: "Records acknowledged by the broker.",
+    },
+    MetricDef {
+        name: PRODUCER_BYTES,
+        kind: Counter,
+        labels: &["topic"],
+        help: "Payload bytes acknowledged by the broker.",
+    },
+    MetricDef {
+        name: PRODUCER_ERRORS,
+        kind: Counter,
+        labels: &["topic", "kind"],
+        help: "Records the broker did not acknowledge, by kind: too_large, unavailable.",
+    },
+    MetricDef {
+        name: PRODUCER_SECONDS,
+        kind: Histogram,
+        labels: &["topic"],
+        help: "Time from send to the broker's acknowledgement (acks=all).",
+    },
+    MetricDef {
+        name: PRODUCER_QUEUE,
+        kind: Gauge,
+        labels: &[],
+        help: "Records in the producer's queue awaiting acknowledgement.",
+    },
+    MetricDef {
+        name: HTTP_REQUESTS,
+        kind: Counter,
+        labels: &["method", "route", "status"],
+        help: "HTTP requests answered, by route template and status code.",
+    },
+    MetricDef {
+        name: HTTP_SECONDS,
+        kind: Histogram,
+        labels: &["method", "route"],
+        help: "HTTP request latency.",
+    },
+    MetricDef {
+        name: HTTP_IN_FLIGHT,
+        kind: Gauge,
+        labels: &[],
+        help: "HTTP requests being served.",
+    },
+    MetricDef {
+        name: BUILD_INFO,
+        kind: Gauge,
+        labels: &["version", "role"],
+        help: "Always 1; labels say which build and role run.",
+    },
+];
+
+/// Latency buckets (seconds): 0.5 ms to 30 s.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// Freshness buckets (seconds): 1 ms to 10 min.
+const FRESHNESS_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0,
+];
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder (once) and describes the catalogue. `role` goes into
+/// `memos_build_info`.
+pub fn install(role: &str) -> PrometheusHandle {
+    let handle = HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full(PROJECTOR_FRESHNESS_SECONDS.into()),
+                FRESHNESS_BUCKETS,
+            )
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS))
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(PROJECTOR_BATCH_RECORDS.into()), BATCH_BUCKETS)
+            })
+            .expect("valid buckets")
+            .build_recorder();
+        let handle = recorder.handle();
+        metrics::set_global_recorder(recorder).expect("no other metrics recorder");
+        for def in CATALOGUE {
+            let help = def.help;
+            match def.kind {
+                Counter => metrics::describe_counter!(def.name, help),
+                Gauge => metrics::describe_gauge!(def.name, help),
+                Histogram => metrics::describe_histogram!(def.name, help),
+            }
+        }
+        handle
+    });
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "role" => role.to_owned()).set(1.0);
+    metrics::gauge!(PRODUCER_QUEUE).set(0.0);
+    metrics::gauge!(HTTP_IN_FLIGHT).set(0.0);
+    handle.clone()
+}
+
+/// The installed handle, for rendering `/metrics`.
+pub fn handle() -> Option<&'static PrometheusHandle> {
+    HANDLE.get()
+}
+
+/// Times `op` into the latency histogram `seconds` and counts a failure in `errors`, both
+/// labelled `op=name`. For PostgreSQL and Redis calls.
+pub async fn observe<T, E>(
+    seconds: &'static str,
+    errors: &'static str,
+    name: &'static str,
+    op: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let start = std::time::Instant::now();
+    let result = op.await;
+    metrics::histogram!(seconds, "op" => name).record(start.elapsed().as_secs_f64());
+    if result.is_err() {
+        metrics::counter!(errors, "op" => name).increment(1);
+    }
+    result
+}
