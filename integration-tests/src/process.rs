@@ -9,17 +9,17 @@ use anyhow::Context;
 
 use crate::stack::TestEnv;
 
-/// The `memos` binary next to the test binary's `deps/` folder (built by `cargo build`).
-pub fn memos_binary() -> anyhow::Result<PathBuf> {
+/// A workspace binary (`memos`, `memosctl`) next to the test binary's `deps/` folder.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .context("test binary has no parent")?;
-    let binary = dir.join("memos");
+    let binary = dir.join(name);
     anyhow::ensure!(
         binary.exists(),
-        "{} is missing: build it first with `cargo build -p memos` (scripts/test does)",
+        "{} is missing: build it first with `cargo build --workspace` (scripts/test does)",
         binary.display()
     );
     Ok(binary)
@@ -42,7 +42,7 @@ impl MemosProcess {
             uuid::Uuid::new_v4().simple()
         ));
         let file = std::fs::File::create(&log)?;
-        let mut command = Command::new(memos_binary()?);
+        let mut command = Command::new(binary("memos")?);
         command
             .args(["run", role])
             .stdin(Stdio::null())

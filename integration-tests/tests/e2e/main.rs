@@ -3,3 +3,4 @@
 mod crash;
 mod dead_letters;
 mod memory_path;
+mod observability;

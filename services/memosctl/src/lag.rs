@@ -91,32 +91,45 @@ fn group_rows(kafka: &memos_runtime::config::KafkaConfig, only: Option<&str>) ->
     Ok(rows)
 }
 
+/// The projections memOS runs, with the topic each one folds.
+fn projections(config: &Config) -> Vec<(&'static str, String)> {
+    vec![("memory", config.topics.memory_commands.clone())]
+}
+
 async fn projection_rows(config: &Config) -> anyhow::Result<Vec<Row>> {
     let pool = memos_postgres::connect(&config.postgres).await?;
-    let stored: Vec<(String, String, i32, i64)> = sqlx::query_as(
-        "SELECT projection, topic, partition, next_offset FROM projection_offsets
-         ORDER BY projection, topic, partition",
-    )
-    .fetch_all(&pool)
-    .await?;
+    let mut wanted = Vec::new();
+    for (projection, topic) in projections(config) {
+        // A partition with no stored offset has applied nothing: its position is the start.
+        let stored = memos_postgres::offsets::load(&pool, projection, &topic).await?;
+        wanted.push((projection, topic, stored));
+    }
     let kafka = config.kafka.clone();
     tokio::task::spawn_blocking(move || {
         let client: BaseConsumer = memos_kafka::client::base_config(&kafka, "memosctl").create()?;
-        stored
-            .into_iter()
-            .map(|(projection, topic, partition, next)| {
+        let mut rows = Vec::new();
+        for (projection, topic, stored) in wanted {
+            let metadata = client.fetch_metadata(Some(&topic), TIMEOUT)?;
+            let Some(topic_metadata) = metadata.topics().first() else {
+                continue;
+            };
+            let mut partitions: Vec<i32> = topic_metadata.partitions().iter().map(|p| p.id()).collect();
+            partitions.sort_unstable();
+            for partition in partitions {
                 let (low, high) = client.fetch_watermarks(&topic, partition, TIMEOUT)?;
-                Ok(Row {
+                let next = stored.get(&partition).copied().unwrap_or(0).max(low);
+                rows.push(Row {
                     source: "projection",
-                    group: projection,
-                    topic,
+                    group: projection.to_owned(),
+                    topic: topic.clone(),
                     partition,
                     current_offset: next,
                     log_end_offset: high,
-                    lag: (high - next.max(low)).max(0),
-                })
-            })
-            .collect()
+                    lag: (high - next).max(0),
+                });
+            }
+        }
+        Ok(rows)
     })
     .await?
 }
