@@ -4,3 +4,4 @@ mod crash;
 mod dead_letters;
 mod memory_path;
 mod observability;
+mod prometheus;

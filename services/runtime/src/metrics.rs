@@ -293,3 +293,65 @@ pub async fn observe<T, E>(
     }
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `docs/operations.md` documents exactly the catalogue, in order: name, type, labels
+    /// and meaning.
+    #[test]
+    fn operations_doc_lists_every_metric_as_the_code_defines_it() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/operations.md");
+        let doc = std::fs::read_to_string(path).expect("docs/operations.md exists");
+        let header = "| metric | type | labels | meaning |";
+        let table: Vec<Vec<String>> = doc
+            .lines()
+            .skip_while(|l| l.trim() != header)
+            .skip(2)
+            .take_while(|l| l.trim_start().starts_with('|'))
+            .map(|l| {
+                l.trim()
+                    .trim_matches('|')
+                    .split(" | ")
+                    .map(|c| c.trim().to_owned())
+                    .collect()
+            })
+            .collect();
+        let expected: Vec<Vec<String>> = CATALOGUE
+            .iter()
+            .map(|def| {
+                let labels = if def.labels.is_empty() {
+                    "-".to_owned()
+                } else {
+                    def.labels.join(",")
+                };
+                vec![
+                    format!("`{}`", def.name),
+                    def.kind.as_str().to_owned(),
+                    labels,
+                    def.help.to_owned(),
+                ]
+            })
+            .collect();
+        assert_eq!(table, expected);
+    }
+
+    #[test]
+    fn catalogue_names_are_unique_and_prefixed() {
+        let mut names: Vec<&str> = CATALOGUE.iter().map(|d| d.name).collect();
+        assert!(names.iter().all(|n| n.starts_with("memos_")));
+        let count = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), count);
+        for def in CATALOGUE {
+            assert_eq!(
+                def.kind == Kind::Counter,
+                def.name.ends_with("_total"),
+                "{}",
+                def.name
+            );
+        }
+    }
+}
