@@ -15,5 +15,7 @@ pub mod memory;
 pub mod registry;
 pub mod single_object;
 
-pub use memory::{MemoryCommand, Tier, WriteMemory};
+pub use memory::{
+    ForgetMemory, MemoryCommand, RegisterTool, RevokeShare, ShareMemory, Tier, UpdateMemory, WriteMemory,
+};
 pub use registry::DecodeError;

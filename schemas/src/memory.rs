@@ -17,6 +17,8 @@ pub const MAX_TAG_BYTES: usize = 128;
 pub const MAX_METADATA_BYTES: usize = 16 * 1024;
 /// Longest namespace or actor, in bytes.
 pub const MAX_NAME_BYTES: usize = 256;
+/// Most dimensions of an embedding (the configured dimension is checked where it is known).
+pub const MAX_EMBEDDING_DIMENSIONS: usize = 4096;
 
 /// How a memory is used, after the usual taxonomy of agent memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -58,6 +60,80 @@ pub struct WriteMemory {
     pub importance: f64,
     pub expires_at: Option<i64>,
     pub embedding: Option<Vec<f32>>,
+    /// Provenance, free text (version 2).
+    pub source: Option<String>,
+}
+
+/// `memos.memory.UpdateMemory`: a partial update; `None` keeps the current value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateMemory {
+    pub command_id: String,
+    pub namespace: String,
+    pub actor: String,
+    pub issued_at: i64,
+    pub traceparent: Option<String>,
+    pub memory_id: String,
+    pub expected_version: Option<i64>,
+    pub content: Option<String>,
+    pub tier: Option<Tier>,
+    pub tags: Option<Vec<String>>,
+    pub metadata_json: Option<String>,
+    pub importance: Option<f64>,
+    pub expires_at: Option<i64>,
+    pub clear_expiry: bool,
+    pub embedding: Option<Vec<f32>>,
+}
+
+/// `memos.memory.ForgetMemory`: the memory leaves every query; its history stays.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForgetMemory {
+    pub command_id: String,
+    pub namespace: String,
+    pub actor: String,
+    pub issued_at: i64,
+    pub traceparent: Option<String>,
+    pub memory_id: String,
+    pub expected_version: Option<i64>,
+    pub reason: Option<String>,
+}
+
+/// `memos.memory.ShareMemory`: read access to one memory, or to the whole namespace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShareMemory {
+    pub command_id: String,
+    pub namespace: String,
+    pub actor: String,
+    pub issued_at: i64,
+    pub traceparent: Option<String>,
+    /// `None`: the whole namespace.
+    pub memory_id: Option<String>,
+    pub grantee: String,
+}
+
+/// `memos.memory.RevokeShare`: takes back a share.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RevokeShare {
+    pub command_id: String,
+    pub namespace: String,
+    pub actor: String,
+    pub issued_at: i64,
+    pub traceparent: Option<String>,
+    pub memory_id: Option<String>,
+    pub grantee: String,
+}
+
+/// `memos.memory.RegisterTool`: a tool in the namespace's registry, for discovery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegisterTool {
+    pub command_id: String,
+    pub namespace: String,
+    pub actor: String,
+    pub issued_at: i64,
+    pub traceparent: Option<String>,
+    pub name: String,
+    pub description: String,
+    pub usage: String,
+    pub tags: Vec<String>,
 }
 
 /// A command that breaks a limit or an invariant of its type.
@@ -105,59 +181,217 @@ fn check_name(field: &'static str, value: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
+fn check_content(content: &str) -> Result<(), ValidationError> {
+    if content.is_empty() {
+        return Err(ValidationError::new("content", "must not be empty"));
+    }
+    if content.len() > MAX_CONTENT_BYTES {
+        return Err(ValidationError::new(
+            "content",
+            format!("too large: {} bytes, at most {MAX_CONTENT_BYTES}", content.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn check_tags(tags: &[String]) -> Result<(), ValidationError> {
+    if tags.len() > MAX_TAGS {
+        return Err(ValidationError::new(
+            "tags",
+            format!("too large: {} tags, at most {MAX_TAGS}", tags.len()),
+        ));
+    }
+    if let Some(tag) = tags.iter().find(|t| t.is_empty() || t.len() > MAX_TAG_BYTES) {
+        return Err(ValidationError::new(
+            "tags",
+            format!("each tag must be 1 to {MAX_TAG_BYTES} bytes, got {}", tag.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn check_metadata(metadata_json: &str) -> Result<(), ValidationError> {
+    if metadata_json.len() > MAX_METADATA_BYTES {
+        return Err(ValidationError::new(
+            "metadata",
+            format!(
+                "too large: {} bytes, at most {MAX_METADATA_BYTES}",
+                metadata_json.len()
+            ),
+        ));
+    }
+    match serde_json::from_str::<serde_json::Value>(metadata_json) {
+        Ok(serde_json::Value::Object(_)) => Ok(()),
+        _ => Err(ValidationError::new("metadata", "must be a JSON object")),
+    }
+}
+
+fn check_importance(importance: f64) -> Result<(), ValidationError> {
+    if !(0.0..=1.0).contains(&importance) {
+        return Err(ValidationError::new("importance", "must be between 0 and 1"));
+    }
+    Ok(())
+}
+
+fn check_embedding(embedding: &[f32]) -> Result<(), ValidationError> {
+    if embedding.is_empty() || embedding.len() > MAX_EMBEDDING_DIMENSIONS {
+        return Err(ValidationError::new(
+            "embedding",
+            format!(
+                "must have 1 to {MAX_EMBEDDING_DIMENSIONS} dimensions, got {}",
+                embedding.len()
+            ),
+        ));
+    }
+    if embedding.iter().any(|x| !x.is_finite()) {
+        return Err(ValidationError::new("embedding", "must hold finite numbers"));
+    }
+    Ok(())
+}
+
+fn check_header(command_id: &str, namespace: &str, actor: &str) -> Result<(), ValidationError> {
+    check_uuid("command_id", command_id)?;
+    check_name("namespace", namespace)?;
+    check_name("actor", actor)
+}
+
 impl WriteMemory {
     /// Checks every limit of the command; the first broken one is reported.
     pub fn validate(&self) -> Result<(), ValidationError> {
-        check_uuid("command_id", &self.command_id)?;
+        check_header(&self.command_id, &self.namespace, &self.actor)?;
         check_uuid("memory_id", &self.memory_id)?;
-        check_name("namespace", &self.namespace)?;
-        check_name("actor", &self.actor)?;
-        if self.content.is_empty() {
-            return Err(ValidationError::new("content", "must not be empty"));
+        check_content(&self.content)?;
+        check_tags(&self.tags)?;
+        check_metadata(&self.metadata_json)?;
+        check_importance(self.importance)?;
+        if let Some(embedding) = &self.embedding {
+            check_embedding(embedding)?;
         }
-        if self.content.len() > MAX_CONTENT_BYTES {
-            return Err(ValidationError::new(
-                "content",
-                format!(
-                    "too large: {} bytes, at most {MAX_CONTENT_BYTES}",
-                    self.content.len()
-                ),
-            ));
-        }
-        if self.tags.len() > MAX_TAGS {
-            return Err(ValidationError::new(
-                "tags",
-                format!("too large: {} tags, at most {MAX_TAGS}", self.tags.len()),
-            ));
-        }
-        if let Some(tag) = self.tags.iter().find(|t| t.is_empty() || t.len() > MAX_TAG_BYTES) {
-            return Err(ValidationError::new(
-                "tags",
-                format!("each tag must be 1 to {MAX_TAG_BYTES} bytes, got {}", tag.len()),
-            ));
-        }
-        if self.metadata_json.len() > MAX_METADATA_BYTES {
-            return Err(ValidationError::new(
-                "metadata",
-                format!(
-                    "too large: {} bytes, at most {MAX_METADATA_BYTES}",
-                    self.metadata_json.len()
-                ),
-            ));
-        }
-        match serde_json::from_str::<serde_json::Value>(&self.metadata_json) {
-            Ok(serde_json::Value::Object(_)) => {}
-            _ => return Err(ValidationError::new("metadata", "must be a JSON object")),
-        }
-        if !(0.0..=1.0).contains(&self.importance) {
-            return Err(ValidationError::new("importance", "must be between 0 and 1"));
-        }
-        if let Some(embedding) = &self.embedding
-            && embedding.iter().any(|x| !x.is_finite())
+        if let Some(source) = &self.source
+            && source.len() > MAX_NAME_BYTES
         {
-            return Err(ValidationError::new("embedding", "must hold finite numbers"));
+            return Err(ValidationError::new(
+                "source",
+                format!("too large: at most {MAX_NAME_BYTES} bytes"),
+            ));
         }
         Ok(())
+    }
+}
+
+impl UpdateMemory {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        check_header(&self.command_id, &self.namespace, &self.actor)?;
+        check_uuid("memory_id", &self.memory_id)?;
+        if let Some(content) = &self.content {
+            check_content(content)?;
+        }
+        if let Some(tags) = &self.tags {
+            check_tags(tags)?;
+        }
+        if let Some(metadata) = &self.metadata_json {
+            check_metadata(metadata)?;
+        }
+        if let Some(importance) = self.importance {
+            check_importance(importance)?;
+        }
+        if let Some(embedding) = &self.embedding {
+            check_embedding(embedding)?;
+        }
+        if self.clear_expiry && self.expires_at.is_some() {
+            return Err(ValidationError::new(
+                "expires_at",
+                "cannot both set and clear the expiry",
+            ));
+        }
+        if self.expected_version.is_some_and(|v| v < 1) {
+            return Err(ValidationError::new("expected_version", "versions start at 1"));
+        }
+        let changes_nothing = self.content.is_none()
+            && self.tier.is_none()
+            && self.tags.is_none()
+            && self.metadata_json.is_none()
+            && self.importance.is_none()
+            && self.expires_at.is_none()
+            && !self.clear_expiry
+            && self.embedding.is_none();
+        if changes_nothing {
+            return Err(ValidationError::new("update", "changes nothing"));
+        }
+        Ok(())
+    }
+}
+
+impl ForgetMemory {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        check_header(&self.command_id, &self.namespace, &self.actor)?;
+        check_uuid("memory_id", &self.memory_id)?;
+        if self.reason.as_ref().is_some_and(|r| r.len() > MAX_CONTENT_BYTES) {
+            return Err(ValidationError::new("reason", "too large"));
+        }
+        Ok(())
+    }
+}
+
+fn check_share(
+    command_id: &str,
+    namespace: &str,
+    actor: &str,
+    memory_id: Option<&str>,
+    grantee: &str,
+) -> Result<(), ValidationError> {
+    check_header(command_id, namespace, actor)?;
+    if let Some(id) = memory_id {
+        check_uuid("memory_id", id)?;
+    }
+    check_name("grantee", grantee)?;
+    if grantee == namespace {
+        return Err(ValidationError::new(
+            "grantee",
+            "the namespace already reads its own memories",
+        ));
+    }
+    Ok(())
+}
+
+impl ShareMemory {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        check_share(
+            &self.command_id,
+            &self.namespace,
+            &self.actor,
+            self.memory_id.as_deref(),
+            &self.grantee,
+        )
+    }
+}
+
+impl RevokeShare {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        check_share(
+            &self.command_id,
+            &self.namespace,
+            &self.actor,
+            self.memory_id.as_deref(),
+            &self.grantee,
+        )
+    }
+}
+
+impl RegisterTool {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        check_header(&self.command_id, &self.namespace, &self.actor)?;
+        check_name("name", &self.name)?;
+        if self.description.trim().is_empty() {
+            return Err(ValidationError::new("description", "must not be empty"));
+        }
+        if self.description.len() + self.usage.len() > MAX_CONTENT_BYTES {
+            return Err(ValidationError::new(
+                "description",
+                format!("too large: at most {MAX_CONTENT_BYTES} bytes with usage"),
+            ));
+        }
+        check_tags(&self.tags)
     }
 }
 
@@ -165,39 +399,68 @@ impl WriteMemory {
 #[derive(Debug, Clone, PartialEq)]
 pub enum MemoryCommand {
     Write(WriteMemory),
+    Update(UpdateMemory),
+    Forget(ForgetMemory),
+    Share(ShareMemory),
+    Revoke(RevokeShare),
+    RegisterTool(RegisterTool),
+}
+
+/// Calls `$body` with the inner command bound to `$c`, whatever the variant.
+macro_rules! each {
+    ($self:expr, $c:ident => $body:expr) => {
+        match $self {
+            MemoryCommand::Write($c) => $body,
+            MemoryCommand::Update($c) => $body,
+            MemoryCommand::Forget($c) => $body,
+            MemoryCommand::Share($c) => $body,
+            MemoryCommand::Revoke($c) => $body,
+            MemoryCommand::RegisterTool($c) => $body,
+        }
+    };
 }
 
 impl MemoryCommand {
     pub fn kind(&self) -> CommandKind {
         match self {
             MemoryCommand::Write(_) => CommandKind::WriteMemory,
+            MemoryCommand::Update(_) => CommandKind::UpdateMemory,
+            MemoryCommand::Forget(_) => CommandKind::ForgetMemory,
+            MemoryCommand::Share(_) => CommandKind::ShareMemory,
+            MemoryCommand::Revoke(_) => CommandKind::RevokeShare,
+            MemoryCommand::RegisterTool(_) => CommandKind::RegisterTool,
         }
     }
 
     pub fn command_id(&self) -> &str {
-        match self {
-            MemoryCommand::Write(c) => &c.command_id,
-        }
+        each!(self, c => &c.command_id)
     }
 
     /// The Kafka key: every command of a namespace goes to one partition, in order.
     pub fn namespace(&self) -> &str {
-        match self {
-            MemoryCommand::Write(c) => &c.namespace,
-        }
+        each!(self, c => &c.namespace)
+    }
+
+    pub fn actor(&self) -> &str {
+        each!(self, c => &c.actor)
+    }
+
+    pub fn traceparent(&self) -> Option<&str> {
+        each!(self, c => c.traceparent.as_deref())
+    }
+
+    pub fn issued_at(&self) -> i64 {
+        each!(self, c => c.issued_at)
     }
 
     pub fn validate(&self) -> Result<(), ValidationError> {
-        match self {
-            MemoryCommand::Write(c) => c.validate(),
-        }
+        each!(self, c => c.validate())
     }
 
     /// Single-object encoding with the current schema of the command's kind.
     pub fn encode(&self) -> Result<Vec<u8>, apache_avro::Error> {
-        match self {
-            MemoryCommand::Write(c) => registry().encode(self.kind(), c),
-        }
+        let kind = self.kind();
+        each!(self, c => registry().encode(kind, c))
     }
 
     /// Decodes a record written with any released schema version and validates it.
@@ -210,6 +473,21 @@ impl MemoryCommand {
         let command = match kind {
             CommandKind::WriteMemory => {
                 MemoryCommand::Write(apache_avro::from_value(&value).map_err(malformed)?)
+            }
+            CommandKind::UpdateMemory => {
+                MemoryCommand::Update(apache_avro::from_value(&value).map_err(malformed)?)
+            }
+            CommandKind::ForgetMemory => {
+                MemoryCommand::Forget(apache_avro::from_value(&value).map_err(malformed)?)
+            }
+            CommandKind::ShareMemory => {
+                MemoryCommand::Share(apache_avro::from_value(&value).map_err(malformed)?)
+            }
+            CommandKind::RevokeShare => {
+                MemoryCommand::Revoke(apache_avro::from_value(&value).map_err(malformed)?)
+            }
+            CommandKind::RegisterTool => {
+                MemoryCommand::RegisterTool(apache_avro::from_value(&value).map_err(malformed)?)
             }
         };
         command.validate()?;
@@ -238,6 +516,7 @@ mod tests {
             importance: 0.8,
             expires_at: Some(1_800_000_000_000),
             embedding: Some(vec![0.25, -1.5, 3.0]),
+            source: Some("chat:42".into()),
         }
     }
 
@@ -266,7 +545,7 @@ mod tests {
     fn header_names_the_writer_schema_fingerprint() {
         let bytes = MemoryCommand::Write(sample()).encode().unwrap();
         let schema =
-            apache_avro::Schema::parse_str(include_str!("../avro/memory/WriteMemory.v1.avsc")).unwrap();
+            apache_avro::Schema::parse_str(include_str!("../avro/memory/WriteMemory.v2.avsc")).unwrap();
         assert_eq!(&bytes[..2], &single_object::MAGIC);
         assert_eq!(bytes[2..10], schema_fingerprint(&schema).to_le_bytes());
     }
@@ -303,5 +582,138 @@ mod tests {
         let mut write = sample();
         write.importance = 1.5;
         assert_eq!(write.validate().unwrap_err().field, "importance");
+    }
+}
+
+#[cfg(test)]
+mod evolution {
+    use apache_avro::Schema;
+    use apache_avro::reader::datum::GenericDatumReader;
+    use apache_avro::types::Value;
+    use apache_avro::writer::datum::GenericDatumWriter;
+
+    use super::tests::sample;
+    use super::*;
+    use crate::fingerprint::schema_fingerprint;
+    use crate::single_object;
+
+    fn schema(json: &str) -> Schema {
+        Schema::parse_str(json).unwrap()
+    }
+
+    /// A record written by a version-1 producer (no `source`) still decodes and projects.
+    #[test]
+    fn version_1_records_decode_into_the_current_reader() {
+        let v1 = schema(include_str!("../avro/memory/WriteMemory.v1.avsc"));
+        let mut expected = sample();
+        expected.source = None;
+        let Value::Record(fields) = apache_avro::to_value(&expected).unwrap() else {
+            panic!()
+        };
+        let v1_value = Value::Record(fields.into_iter().filter(|(name, _)| name != "source").collect());
+        let body = GenericDatumWriter::builder(&v1)
+            .build()
+            .unwrap()
+            .write_value_to_vec(v1_value)
+            .unwrap();
+        let framed = single_object::encode(schema_fingerprint(&v1), &body);
+        assert_eq!(
+            MemoryCommand::decode(&framed).unwrap(),
+            MemoryCommand::Write(expected)
+        );
+    }
+
+    /// A version-1 consumer reads what this build writes, ignoring the new field.
+    #[test]
+    fn current_records_are_readable_with_version_1() {
+        let v1 = schema(include_str!("../avro/memory/WriteMemory.v1.avsc"));
+        let v2 = schema(include_str!("../avro/memory/WriteMemory.v2.avsc"));
+        let bytes = MemoryCommand::Write(sample()).encode().unwrap();
+        let (fingerprint, mut body) = single_object::decode(&bytes).unwrap();
+        assert_eq!(fingerprint, schema_fingerprint(&v2));
+        let value = GenericDatumReader::builder(&v2)
+            .reader_schema(&v1)
+            .build()
+            .unwrap()
+            .read_value(&mut body)
+            .unwrap();
+        let Value::Record(fields) = value else {
+            panic!("not a record")
+        };
+        assert!(fields.iter().all(|(name, _)| name != "source"));
+        assert!(
+            fields
+                .iter()
+                .any(|(name, v)| name == "content" && *v == Value::String(sample().content))
+        );
+    }
+
+    #[test]
+    fn every_command_round_trips() {
+        let header = |id: &str| (id.to_owned(), "agent-7".to_owned(), "agent-7".to_owned());
+        let (command_id, namespace, actor) = header(&Uuid::new_v4().to_string());
+        let memory_id = Uuid::new_v4().to_string();
+        let commands = vec![
+            MemoryCommand::Update(UpdateMemory {
+                command_id: command_id.clone(),
+                namespace: namespace.clone(),
+                actor: actor.clone(),
+                issued_at: 1,
+                traceparent: None,
+                memory_id: memory_id.clone(),
+                expected_version: Some(3),
+                content: Some("new".into()),
+                tier: Some(Tier::Episodic),
+                tags: Some(vec!["x".into()]),
+                metadata_json: Some("{}".into()),
+                importance: Some(0.1),
+                expires_at: None,
+                clear_expiry: true,
+                embedding: Some(vec![1.0]),
+            }),
+            MemoryCommand::Forget(ForgetMemory {
+                command_id: command_id.clone(),
+                namespace: namespace.clone(),
+                actor: actor.clone(),
+                issued_at: 1,
+                traceparent: None,
+                memory_id: memory_id.clone(),
+                expected_version: None,
+                reason: Some("obsolete".into()),
+            }),
+            MemoryCommand::Share(ShareMemory {
+                command_id: command_id.clone(),
+                namespace: namespace.clone(),
+                actor: actor.clone(),
+                issued_at: 1,
+                traceparent: None,
+                memory_id: None,
+                grantee: "agent-8".into(),
+            }),
+            MemoryCommand::Revoke(RevokeShare {
+                command_id: command_id.clone(),
+                namespace: namespace.clone(),
+                actor: actor.clone(),
+                issued_at: 1,
+                traceparent: None,
+                memory_id: Some(memory_id.clone()),
+                grantee: "agent-8".into(),
+            }),
+            MemoryCommand::RegisterTool(RegisterTool {
+                command_id,
+                namespace,
+                actor,
+                issued_at: 1,
+                traceparent: None,
+                name: "web_search".into(),
+                description: "Searches the web".into(),
+                usage: "web_search(query)".into(),
+                tags: vec!["search".into()],
+            }),
+        ];
+        for command in commands {
+            let bytes = command.encode().unwrap();
+            assert_eq!(MemoryCommand::decode(&bytes).unwrap(), command);
+        }
     }
 }

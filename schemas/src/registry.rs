@@ -17,6 +17,11 @@ use crate::single_object::{self, FramingError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CommandKind {
     WriteMemory,
+    UpdateMemory,
+    ForgetMemory,
+    ShareMemory,
+    RevokeShare,
+    RegisterTool,
 }
 
 impl CommandKind {
@@ -24,6 +29,11 @@ impl CommandKind {
     pub fn full_name(self) -> &'static str {
         match self {
             CommandKind::WriteMemory => "memos.memory.WriteMemory",
+            CommandKind::UpdateMemory => "memos.memory.UpdateMemory",
+            CommandKind::ForgetMemory => "memos.memory.ForgetMemory",
+            CommandKind::ShareMemory => "memos.memory.ShareMemory",
+            CommandKind::RevokeShare => "memos.memory.RevokeShare",
+            CommandKind::RegisterTool => "memos.memory.RegisterTool",
         }
     }
 }
@@ -37,11 +47,47 @@ pub struct Released {
 
 /// Every released version, oldest first. Never remove or edit an entry: records written with
 /// it live in the log forever.
-pub const RELEASED: &[Released] = &[Released {
-    kind: CommandKind::WriteMemory,
-    version: 1,
-    json: include_str!("../avro/memory/WriteMemory.v1.avsc"),
-}];
+pub const RELEASED: &[Released] = &[
+    released(
+        CommandKind::WriteMemory,
+        1,
+        include_str!("../avro/memory/WriteMemory.v1.avsc"),
+    ),
+    released(
+        CommandKind::WriteMemory,
+        2,
+        include_str!("../avro/memory/WriteMemory.v2.avsc"),
+    ),
+    released(
+        CommandKind::UpdateMemory,
+        1,
+        include_str!("../avro/memory/UpdateMemory.v1.avsc"),
+    ),
+    released(
+        CommandKind::ForgetMemory,
+        1,
+        include_str!("../avro/memory/ForgetMemory.v1.avsc"),
+    ),
+    released(
+        CommandKind::ShareMemory,
+        1,
+        include_str!("../avro/memory/ShareMemory.v1.avsc"),
+    ),
+    released(
+        CommandKind::RevokeShare,
+        1,
+        include_str!("../avro/memory/RevokeShare.v1.avsc"),
+    ),
+    released(
+        CommandKind::RegisterTool,
+        1,
+        include_str!("../avro/memory/RegisterTool.v1.avsc"),
+    ),
+];
+
+const fn released(kind: CommandKind, version: u32, json: &'static str) -> Released {
+    Released { kind, version, json }
+}
 
 /// A parsed released schema.
 pub struct Entry {
@@ -171,5 +217,51 @@ impl Registry {
             });
         }
         Ok((writer.kind, value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use apache_avro::schema_compatibility::SchemaCompatibility;
+
+    use super::*;
+
+    /// Each released version reads, and is read by, every other version of its command
+    /// (full compatibility, checked by Avro's own resolution rules).
+    #[test]
+    fn every_version_reads_and_is_read_by_every_other() {
+        let registry = registry();
+        for a in RELEASED {
+            for b in RELEASED.iter().filter(|b| b.kind == a.kind) {
+                let writer = &registry
+                    .get(schema_fingerprint(&Schema::parse_str(a.json).unwrap()))
+                    .unwrap()
+                    .schema;
+                let reader = &registry
+                    .get(schema_fingerprint(&Schema::parse_str(b.json).unwrap()))
+                    .unwrap()
+                    .schema;
+                SchemaCompatibility::mutual_read(writer, reader).unwrap_or_else(|e| {
+                    panic!(
+                        "{:?} v{} and v{} are not compatible: {e}",
+                        a.kind, a.version, b.version
+                    )
+                });
+            }
+        }
+    }
+
+    #[test]
+    fn fingerprints_are_unique_and_names_match_kinds() {
+        let registry = registry();
+        assert_eq!(
+            registry.by_fingerprint.len(),
+            RELEASED.len(),
+            "a schema was released twice"
+        );
+        for entry in registry.by_fingerprint.values() {
+            let name = entry.schema.name().map(|n| n.fullname(None)).unwrap_or_default();
+            assert_eq!(name, entry.kind.full_name());
+        }
     }
 }

@@ -3,11 +3,13 @@
 //!
 //! - [`pool`]: connect and migrate (sqlx migrations in `connectors/postgres/migrations`).
 //! - [`offsets`]: the next offset per projection and partition.
-//! - [`memories`]: applying a batch of memory commands, and reading the memory views.
+//! - [`memories`]: the view rows, loading a batch's state and writing its decisions.
+//! - [`queries`]: what the API reads, always within what the asking agent may read.
 
 pub mod memories;
 pub mod offsets;
 pub mod pool;
+pub mod queries;
 
-pub use memories::{MemoryView, WriteRow};
+pub use memories::Memory;
 pub use pool::{connect, migrate};

@@ -18,3 +18,15 @@ pub async fn connect(config: &PostgresConfig) -> Result<PgPool, sqlx::Error> {
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     sqlx::migrate!("./migrations").run(pool).await
 }
+
+/// Creates the HNSW index for embeddings of `dimensions` (cosine distance) if missing. The
+/// dimension comes from configuration, so it cannot live in a static migration.
+pub async fn ensure_vector_index(pool: &PgPool, dimensions: usize) -> Result<(), sqlx::Error> {
+    let sql = format!(
+        "CREATE INDEX IF NOT EXISTS memories_embedding_hnsw_{dimensions} ON memories
+         USING hnsw ((embedding::vector({dimensions})) vector_cosine_ops)
+         WHERE embedding IS NOT NULL AND forgotten_at IS NULL"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await?;
+    Ok(())
+}

@@ -5,12 +5,18 @@
 //! record's partition and offset. Every error is a JSON body `{code, message, field?}` with a
 //! 4xx or 5xx status; database and broker internals never reach the client.
 //!
+//! - [`commands`]: appending commands; their status.
+//! - [`consistency`]: read-your-writes with position tokens.
 //! - [`error`]: the error body and its status codes.
 //! - [`memories`]: memory commands and memory queries.
+//! - [`registry`]: shares and the tool registry.
 //! - [`server`]: the router, the listener and graceful shutdown.
 
+pub mod commands;
+pub mod consistency;
 pub mod error;
 pub mod memories;
+pub mod registry;
 pub mod server;
 
 pub use server::{Api, AppState};

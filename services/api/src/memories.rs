@@ -1,27 +1,78 @@
-//! Memory endpoints: `POST /v1/memories` appends a `WriteMemory` command;
-//! `GET /v1/memories/{id}` reads one memory (Redis first, PostgreSQL on a miss);
-//! `GET /v1/agents/{agent}/memories` pages through an agent's memories.
+//! Memory endpoints. Commands: `POST /v1/memories` (write), `PATCH /v1/memories/{id}`
+//! (update), `POST /v1/memories/{id}/forget`. Queries: `GET /v1/memories/{id}` (Redis first,
+//! PostgreSQL on a miss), `GET /v1/memories/{id}/history`, `GET /v1/agents/{agent}/memories`
+//! (filters, keyset pagination), `GET /v1/agents/{agent}/recent` (hot working memory),
+//! `POST /v1/memories/search` (full-text, vector, hybrid).
+//!
+//! Reads name the asking agent in `X-Memos-Agent`; when present, only what that agent may read
+//! (its namespace plus shares) is answered, and anything else is a 404. Search always needs
+//! the asking agent. Every read honours `X-Memos-Position` (read-your-writes).
 
 use axum::Json;
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
-use memos_kafka::{ProduceError, headers};
-use memos_postgres::memories::{self, Cursor, MemoryView};
-use memos_schemas::{MemoryCommand, Tier, WriteMemory};
+use memos_postgres::memories::{HistoryRow, Memory};
+use memos_postgres::queries::{self, Cursor, ListFilter, Scored, SearchMode};
+use memos_runtime::metrics::{self as m, observe};
+use memos_schemas::{ForgetMemory, MemoryCommand, Tier, UpdateMemory, WriteMemory};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use memos_runtime::metrics::{self as m, observe};
-use memos_runtime::telemetry;
-
+use crate::commands::{self, Accepted};
+use crate::consistency;
 use crate::error::ApiError;
 use crate::server::AppState;
 
-/// Header naming who issues a command; defaults to the agent itself.
-pub const ACTOR_HEADER: &str = "x-memos-actor";
+/// Header naming the agent on whose behalf a read is made.
+pub const AGENT_HEADER: &str = "x-memos-agent";
+
+pub fn parse_uuid(field: &str, value: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(value)
+        .map_err(|_| ApiError::bad_request(format!("{field} must be a UUID")).with_field(field))
+}
+
+fn reader(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    headers
+        .get(AGENT_HEADER)
+        .map(|v| {
+            v.to_str()
+                .map(str::to_owned)
+                .map_err(|_| ApiError::bad_request("X-Memos-Agent is not text"))
+        })
+        .transpose()
+}
+
+fn metadata_json(metadata: Option<serde_json::Value>) -> Result<Option<String>, ApiError> {
+    match metadata {
+        None => Ok(None),
+        Some(value @ serde_json::Value::Object(_)) => Ok(Some(value.to_string())),
+        Some(_) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            "must be a JSON object",
+        )
+        .with_field("metadata")),
+    }
+}
+
+fn check_dimensions(state: &AppState, embedding: Option<&Vec<f32>>) -> Result<(), ApiError> {
+    let expected = state.config.memory.embedding_dimensions;
+    match embedding {
+        Some(e) if e.len() != expected => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            format!(
+                "embedding has {} dimensions; this deployment stores {expected}",
+                e.len()
+            ),
+        )
+        .with_field("embedding")),
+        _ => Ok(()),
+    }
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -40,21 +91,13 @@ pub struct WriteMemoryRequest {
     pub expires_at: Option<DateTime<Utc>>,
     #[serde(default)]
     pub embedding: Option<Vec<f32>>,
+    #[serde(default)]
+    pub source: Option<String>,
     /// Chosen by the client to make retries idempotent; generated when absent.
     #[serde(default)]
     pub command_id: Option<Uuid>,
     #[serde(default)]
     pub memory_id: Option<Uuid>,
-}
-
-/// The answer to an accepted command: where it is in the log.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Accepted {
-    pub command_id: Uuid,
-    pub memory_id: Uuid,
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
 }
 
 pub async fn write(
@@ -63,103 +106,128 @@ pub async fn write(
     body: Result<Json<WriteMemoryRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let Json(request) = body?;
-    let actor = match headers.get(ACTOR_HEADER) {
-        Some(value) => value
-            .to_str()
-            .map_err(|_| ApiError::bad_request("x-memos-actor is not text").with_field("actor"))?
-            .to_owned(),
-        None => request.agent_id.clone(),
-    };
-    // The request span continues the caller's trace (see server::observe); the command
-    // carries that span's context through Kafka to the projector.
-    let (traceparent, tracestate) = match telemetry::current_traceparent() {
-        Some((parent, state)) => (Some(parent), state),
-        None => (None, None),
-    };
-    let metadata = match request.metadata {
-        None => serde_json::Value::Object(Default::default()),
-        Some(value @ serde_json::Value::Object(_)) => value,
-        Some(_) => {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid",
-                "must be a JSON object",
-            )
-            .with_field("metadata"));
-        }
-    };
-    let command_id = request.command_id.unwrap_or_else(Uuid::now_v7);
+    let h = commands::header(&headers, &request.agent_id, request.command_id)?;
+    check_dimensions(&state, request.embedding.as_ref())?;
     let memory_id = request.memory_id.unwrap_or_else(Uuid::now_v7);
     let command = MemoryCommand::Write(WriteMemory {
-        command_id: command_id.to_string(),
+        command_id: h.command_id,
         namespace: request.agent_id,
-        actor,
-        issued_at: Utc::now().timestamp_millis(),
-        traceparent: traceparent.clone(),
+        actor: h.actor,
+        issued_at: h.issued_at,
+        traceparent: h.traceparent,
         memory_id: memory_id.to_string(),
         content: request.content,
         tier: request.tier.unwrap_or_default(),
         tags: request.tags,
-        metadata_json: metadata.to_string(),
+        metadata_json: metadata_json(request.metadata)?.unwrap_or_else(|| "{}".into()),
         importance: request.importance.unwrap_or(0.5),
         expires_at: request.expires_at.map(|t| t.timestamp_millis()),
         embedding: request.embedding,
+        source: request.source,
     });
-    command.validate()?;
-    let payload = command
-        .encode()
-        .map_err(|e| ApiError::internal("cannot encode the command", e))?;
-
-    let topic = &state.config.topics.memory_commands;
-    let command_id_text = command_id.to_string();
-    let mut record_headers = vec![
-        (headers::COMMAND_ID, command_id_text.as_str()),
-        (headers::SCHEMA, command.kind().full_name()),
-    ];
-    let MemoryCommand::Write(write) = &command;
-    record_headers.push((headers::ACTOR, write.actor.as_str()));
-    if let Some(tp) = &traceparent {
-        record_headers.push((headers::TRACEPARENT, tp.as_str()));
-    }
-    if let Some(ts) = &tracestate {
-        record_headers.push((headers::TRACESTATE, ts.as_str()));
-    }
-    let delivered = state
-        .producer
-        .send(topic, command.namespace(), &payload, &record_headers)
-        .await
-        .map_err(|e| match e {
-            ProduceError::TooLarge(_) => ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                "the command is larger than the broker accepts",
-            ),
-            ProduceError::Unavailable(e) => {
-                tracing::warn!(error = %e, "append failed");
-                ApiError::unavailable(
-                    "the log did not acknowledge the command; retry with the same command_id",
-                )
-            }
-        })?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(Accepted {
-            command_id,
-            memory_id,
-            topic: topic.clone(),
-            partition: delivered.partition,
-            offset: delivered.offset,
-        }),
-    ))
+    commands::append(&state, command, h.tracestate.as_deref(), Some(memory_id)).await
 }
 
-fn parse_uuid(field: &str, value: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(value)
-        .map_err(|_| ApiError::bad_request(format!("{field} must be a UUID")).with_field(field))
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateMemoryRequest {
+    /// The namespace that owns the memory.
+    pub agent_id: String,
+    #[serde(default)]
+    pub expected_version: Option<i64>,
+    #[serde(default)]
+    pub content: Option<String>,
+    #[serde(default)]
+    pub tier: Option<Tier>,
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
+    #[serde(default)]
+    pub importance: Option<f64>,
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub clear_expiry: bool,
+    #[serde(default)]
+    pub embedding: Option<Vec<f32>>,
+    #[serde(default)]
+    pub command_id: Option<Uuid>,
 }
 
-pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn update(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<UpdateMemoryRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let memory_id = parse_uuid("memory_id", &id)?;
+    let Json(request) = body?;
+    let h = commands::header(&headers, &request.agent_id, request.command_id)?;
+    check_dimensions(&state, request.embedding.as_ref())?;
+    let command = MemoryCommand::Update(UpdateMemory {
+        command_id: h.command_id,
+        namespace: request.agent_id,
+        actor: h.actor,
+        issued_at: h.issued_at,
+        traceparent: h.traceparent,
+        memory_id: memory_id.to_string(),
+        expected_version: request.expected_version,
+        content: request.content,
+        tier: request.tier,
+        tags: request.tags,
+        metadata_json: metadata_json(request.metadata)?,
+        importance: request.importance,
+        expires_at: request.expires_at.map(|t| t.timestamp_millis()),
+        clear_expiry: request.clear_expiry,
+        embedding: request.embedding,
+    });
+    commands::append(&state, command, h.tracestate.as_deref(), Some(memory_id)).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForgetMemoryRequest {
+    pub agent_id: String,
+    #[serde(default)]
+    pub expected_version: Option<i64>,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub command_id: Option<Uuid>,
+}
+
+pub async fn forget(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<ForgetMemoryRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let memory_id = parse_uuid("memory_id", &id)?;
+    let Json(request) = body?;
+    let h = commands::header(&headers, &request.agent_id, request.command_id)?;
+    let command = MemoryCommand::Forget(ForgetMemory {
+        command_id: h.command_id,
+        namespace: request.agent_id,
+        actor: h.actor,
+        issued_at: h.issued_at,
+        traceparent: h.traceparent,
+        memory_id: memory_id.to_string(),
+        expected_version: request.expected_version,
+        reason: request.reason,
+    });
+    commands::append(&state, command, h.tracestate.as_deref(), Some(memory_id)).await
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let memory_id = parse_uuid("memory_id", &id)?;
+    let reader = reader(&headers)?;
+    consistency::wait_for(&state, &headers).await?;
+    let not_found = || ApiError::not_found(format!("no memory {memory_id}"));
     match observe(
         m::REDIS_SECONDS,
         m::REDIS_ERRORS,
@@ -169,33 +237,93 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Resul
     .await
     {
         Ok(Some(doc)) => {
+            let allowed = match &reader {
+                None => true,
+                Some(reader) => {
+                    let memory: Memory = serde_json::from_str(&doc)
+                        .map_err(|e| ApiError::internal("corrupt cached memory", e))?;
+                    let check = queries::may_read(&state.pool, reader, &memory.namespace, memory_id);
+                    observe(m::POSTGRES_SECONDS, m::POSTGRES_ERRORS, "may_read", check)
+                        .await
+                        .map_err(|e| ApiError::internal("cannot check read access", e))?
+                }
+            };
+            if !allowed {
+                return Err(not_found());
+            }
             return Ok(([(header::CONTENT_TYPE, "application/json")], doc).into_response());
         }
         Ok(None) => {}
         Err(e) => tracing::warn!(error = %e, "hot view unavailable; reading PostgreSQL"),
     }
-    let memory = observe(
-        m::POSTGRES_SECONDS,
-        m::POSTGRES_ERRORS,
-        "get_memory",
-        memories::get(&state.pool, memory_id),
-    )
-    .await
-    .map_err(|e| ApiError::internal("cannot read the memory", e))?
-    .ok_or_else(|| ApiError::not_found(format!("no memory {memory_id}")))?;
+    let read = queries::memory(&state.pool, reader.as_deref(), memory_id);
+    let memory = observe(m::POSTGRES_SECONDS, m::POSTGRES_ERRORS, "get_memory", read)
+        .await
+        .map_err(|e| ApiError::internal("cannot read the memory", e))?
+        .filter(|m| m.forgotten_at.is_none())
+        .ok_or_else(not_found)?;
     Ok(Json(memory).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+pub async fn history(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<HistoryRow>>, ApiError> {
+    let memory_id = parse_uuid("memory_id", &id)?;
+    let reader = reader(&headers)?;
+    consistency::wait_for(&state, &headers).await?;
+    let rows = observe(
+        m::POSTGRES_SECONDS,
+        m::POSTGRES_ERRORS,
+        "history",
+        queries::history(&state.pool, memory_id),
+    )
+    .await
+    .map_err(|e| ApiError::internal("cannot read the history", e))?;
+    // The history outlives a forget, so access is checked against the namespace of record.
+    if let (Some(reader), Some(first)) = (&reader, rows.first()) {
+        let namespace = first
+            .state
+            .as_ref()
+            .and_then(|s| s["namespace"].as_str())
+            .unwrap_or_default();
+        let allowed = queries::may_read(&state.pool, reader, namespace, memory_id)
+            .await
+            .map_err(|e| ApiError::internal("cannot check read access", e))?;
+        if !allowed {
+            return Err(ApiError::not_found(format!("no memory {memory_id}")));
+        }
+    }
+    if rows.is_empty() {
+        return Err(ApiError::not_found(format!("no memory {memory_id}")));
+    }
+    Ok(Json(rows))
+}
+
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListParams {
     pub limit: Option<i64>,
     pub cursor: Option<String>,
+    pub tier: Option<Tier>,
+    /// Comma-separated: memories with at least one of these tags.
+    pub tags_any: Option<String>,
+    /// Comma-separated: memories with every one of these tags.
+    pub tags_all: Option<String>,
+    /// A JSON object the metadata must contain.
+    pub metadata: Option<String>,
+    pub created_after: Option<DateTime<Utc>>,
+    pub created_before: Option<DateTime<Utc>>,
+    pub updated_after: Option<DateTime<Utc>>,
+    pub updated_before: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub include_expired: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Page {
-    pub items: Vec<MemoryView>,
+    pub items: Vec<Memory>,
     /// Pass as `cursor` to read the next page; absent on the last page.
     pub next_cursor: Option<String>,
 }
@@ -217,18 +345,58 @@ fn decode_cursor(text: &str) -> Result<Cursor, ApiError> {
     })
 }
 
+fn split_tags(text: Option<String>) -> Option<Vec<String>> {
+    text.map(|t| {
+        t.split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect()
+    })
+}
+
 pub async fn list(
     State(state): State<AppState>,
     Path(agent): Path<String>,
-    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<Page>, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let reader = reader(&headers)?;
     let limit = params.limit.unwrap_or(50);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::bad_request(format!("limit must be 1 to {MAX_PAGE}")).with_field("limit"));
     }
     let after = params.cursor.as_deref().map(decode_cursor).transpose()?;
-    let list = memories::list(&state.pool, &agent, after, limit);
+    let metadata = params
+        .metadata
+        .as_deref()
+        .map(|m| match serde_json::from_str::<serde_json::Value>(m) {
+            Ok(value @ serde_json::Value::Object(_)) => Ok(value),
+            _ => Err(ApiError::bad_request("metadata must be a JSON object").with_field("metadata")),
+        })
+        .transpose()?;
+    let filter = ListFilter {
+        tier: params.tier.map(|t| t.as_str().to_owned()),
+        tags_any: split_tags(params.tags_any),
+        tags_all: split_tags(params.tags_all),
+        metadata,
+        created_after: params.created_after,
+        created_before: params.created_before,
+        updated_after: params.updated_after,
+        updated_before: params.updated_before,
+        include_expired: params.include_expired,
+    };
+    consistency::wait_for(&state, &headers).await?;
+    let list = queries::list(
+        &state.pool,
+        reader.as_deref(),
+        &agent,
+        &filter,
+        Utc::now(),
+        after,
+        limit,
+    );
     let items = observe(m::POSTGRES_SECONDS, m::POSTGRES_ERRORS, "list_memories", list)
         .await
         .map_err(|e| ApiError::internal("cannot list memories", e))?;
@@ -242,6 +410,120 @@ pub async fn list(
             })
         });
     Ok(Json(Page { items, next_cursor }))
+}
+
+/// `GET /v1/agents/{agent}/recent`: the agent's most recent working memories, from Redis.
+pub async fn recent(
+    State(state): State<AppState>,
+    Path(agent): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
+    if let Some(reader) = reader(&headers)?
+        && reader != agent
+    {
+        return Err(ApiError::not_found("working memory is private to its agent"));
+    }
+    consistency::wait_for(&state, &headers).await?;
+    let ids = observe(
+        m::REDIS_SECONDS,
+        m::REDIS_ERRORS,
+        "recent",
+        state.hot.recent(&agent, 50),
+    )
+    .await
+    .map_err(|e| ApiError::unavailable(format!("hot views unavailable: {e}")))?;
+    let mut items = Vec::with_capacity(ids.len());
+    for id in ids {
+        if let Ok(Some(doc)) = state.hot.get_memory(&id).await
+            && let Ok(value) = serde_json::from_str(&doc)
+        {
+            items.push(value);
+        }
+    }
+    Ok(Json(items))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchRequest {
+    /// The asking agent: results are limited to what it may read.
+    pub agent_id: String,
+    #[serde(default)]
+    pub query: Option<String>,
+    #[serde(default)]
+    pub embedding: Option<Vec<f32>>,
+    /// Weight of vector similarity in a hybrid search (0 to 1, default 0.5).
+    #[serde(default)]
+    pub weight: Option<f64>,
+    #[serde(default)]
+    pub limit: Option<i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SearchResults {
+    pub mode: String,
+    pub items: Vec<Scored>,
+}
+
+pub async fn search(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<SearchRequest>, JsonRejection>,
+) -> Result<Json<SearchResults>, ApiError> {
+    let Json(request) = body?;
+    let limit = request.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::bad_request("limit must be 1 to 100").with_field("limit"));
+    }
+    check_dimensions(&state, request.embedding.as_ref())?;
+    let query = request.query.filter(|q| !q.trim().is_empty());
+    let (mode, name) = match (query, request.embedding) {
+        (Some(query), None) => (SearchMode::Text(query), "text"),
+        (None, Some(embedding)) => (SearchMode::Vector(embedding), "vector"),
+        (Some(query), Some(embedding)) => {
+            let weight = request.weight.unwrap_or(0.5);
+            if !(0.0..=1.0).contains(&weight) {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid",
+                    "must be between 0 and 1",
+                )
+                .with_field("weight"));
+            }
+            (
+                SearchMode::Hybrid {
+                    query,
+                    embedding,
+                    weight,
+                },
+                "hybrid",
+            )
+        }
+        (None, None) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                "give a query, an embedding, or both",
+            ));
+        }
+    };
+    consistency::wait_for(&state, &headers).await?;
+    let dimensions = state.config.memory.embedding_dimensions;
+    let search = queries::search(
+        &state.pool,
+        &request.agent_id,
+        &mode,
+        dimensions,
+        Utc::now(),
+        limit,
+    );
+    let items = observe(m::POSTGRES_SECONDS, m::POSTGRES_ERRORS, "search", search)
+        .await
+        .map_err(|e| ApiError::internal("search failed", e))?;
+    Ok(Json(SearchResults {
+        mode: name.into(),
+        items,
+    }))
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::error::ApiError;
-use crate::memories;
+use crate::{commands, memories, registry};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -37,8 +37,16 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/memories", post(memories::write))
-        .route("/memories/{id}", get(memories::get))
+        .route("/memories/search", post(memories::search))
+        .route("/memories/{id}", get(memories::get).patch(memories::update))
+        .route("/memories/{id}/forget", post(memories::forget))
+        .route("/memories/{id}/history", get(memories::history))
         .route("/agents/{agent}/memories", get(memories::list))
+        .route("/agents/{agent}/recent", get(memories::recent))
+        .route("/shares", post(registry::share))
+        .route("/shares/revoke", post(registry::revoke))
+        .route("/tools", post(registry::register_tool).get(registry::tools))
+        .route("/commands/{id}", get(commands::status))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .nest("/v1", v1)
@@ -167,10 +175,20 @@ impl Api {
         for kind in ["too_large", "unavailable"] {
             metrics::counter!(m::PRODUCER_ERRORS, "topic" => topic.clone(), "kind" => kind).increment(0);
         }
-        for op in ["get_memory", "list_memories"] {
+        for op in [
+            "get_memory",
+            "list_memories",
+            "may_read",
+            "history",
+            "search",
+            "tools",
+            "command_status",
+        ] {
             metrics::counter!(m::POSTGRES_ERRORS, "op" => op).increment(0);
         }
-        metrics::counter!(m::REDIS_ERRORS, "op" => "get_memory").increment(0);
+        for op in ["get_memory", "recent"] {
+            metrics::counter!(m::REDIS_ERRORS, "op" => op).increment(0);
+        }
         let listener = TcpListener::bind(state.config.http.bind).await?;
         let producer = state.producer.clone();
         Ok(Api {

@@ -76,6 +76,9 @@ async fn run(config: Arc<Config>, role: Role) -> anyhow::Result<()> {
         .await
         .context("cannot connect to PostgreSQL")?;
     memos_postgres::migrate(&pool).await.context("migration failed")?;
+    memos_postgres::pool::ensure_vector_index(&pool, config.memory.embedding_dimensions)
+        .await
+        .context("cannot create the embedding index")?;
     let hot = HotViews::connect(
         config.redis.url.expose(),
         &config.redis.key_prefix,

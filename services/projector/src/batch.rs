@@ -1,20 +1,22 @@
 //! One unit of projector work, as plain functions a test can drive step by step:
 //! [`prepare`] decodes and validates (pure), [`dead_letter`] copies what cannot be applied to
-//! the dead-letter topic, [`apply`] writes the views and the next offsets in one transaction,
-//! [`cache`] copies what was applied to Redis after the commit.
+//! the dead-letter topic, [`apply`] decides the batch with the [`fold`](crate::fold) and writes
+//! the views and the next offsets in one transaction, [`cache`] copies the result to Redis
+//! after the commit.
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, TimeZone, Utc};
 use memos_kafka::dlq::{self, DeadLetter};
 use memos_kafka::{CommandProducer, ProduceError};
-use memos_postgres::memories::{self, WriteOutcome, WriteRow};
+use memos_postgres::memories::{self, Memory};
 use memos_postgres::offsets;
 use memos_redis::HotViews;
-use memos_redis::hot::HotWrite;
-use memos_schemas::{MemoryCommand, WriteMemory};
+use memos_redis::hot::{HotWrite, Recent};
+use memos_schemas::MemoryCommand;
 use sqlx::PgPool;
-use uuid::Uuid;
+
+use crate::fold::{self, Decided, FoldConfig, Outcome};
 
 /// A consumed record, detached from the consumer.
 #[derive(Debug, Clone)]
@@ -41,7 +43,7 @@ pub struct Rejected {
 /// A decoded batch, ready to apply.
 #[derive(Debug, Default)]
 pub struct Prepared {
-    pub writes: Vec<WriteRow>,
+    pub commands: Vec<Decided>,
     pub dead: Vec<Rejected>,
     /// Next offset per partition once the whole batch is done.
     pub next_offsets: BTreeMap<i32, i64>,
@@ -67,6 +69,7 @@ pub struct Sinks {
     pub topic: String,
     pub dead_letter_topic: String,
     pub projection: String,
+    pub fold: FoldConfig,
 }
 
 fn record_time(record: &Record, fallback_ms: i64) -> DateTime<Utc> {
@@ -74,30 +77,6 @@ fn record_time(record: &Record, fallback_ms: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(ms)
         .single()
         .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
-}
-
-fn write_row(record: &Record, write: WriteMemory) -> Result<WriteRow, String> {
-    let uuid =
-        |field: &str, value: &str| Uuid::parse_str(value).map_err(|_| format!("{field} is not a UUID"));
-    Ok(WriteRow {
-        command_id: uuid("command_id", &write.command_id)?,
-        memory_id: uuid("memory_id", &write.memory_id)?,
-        record_time: record_time(record, write.issued_at),
-        metadata: serde_json::from_str(&write.metadata_json).map_err(|e| e.to_string())?,
-        expires_at: write
-            .expires_at
-            .and_then(|ms| Utc.timestamp_millis_opt(ms).single()),
-        namespace: write.namespace,
-        actor: write.actor,
-        content: write.content,
-        tier: write.tier.as_str().to_owned(),
-        tags: write.tags,
-        importance: write.importance,
-        embedding: write.embedding,
-        traceparent: write.traceparent,
-        log_partition: record.partition,
-        log_offset: record.offset,
-    })
 }
 
 /// Decodes and validates every record; pure and deterministic.
@@ -118,14 +97,16 @@ pub fn prepare(records: &[Record]) -> Prepared {
             continue;
         };
         match MemoryCommand::decode(payload) {
-            Ok(MemoryCommand::Write(write)) => match write_row(record, write) {
-                Ok(row) => prepared.writes.push(row),
-                Err(message) => prepared.dead.push(Rejected {
-                    index,
-                    class: "invalid",
-                    message,
-                }),
-            },
+            Ok(command) => prepared.commands.push(Decided {
+                record_time: record_time(record, command.issued_at()),
+                traceparent: record
+                    .traceparent
+                    .clone()
+                    .or_else(|| command.traceparent().map(str::to_owned)),
+                partition: record.partition,
+                offset: record.offset,
+                command,
+            }),
             Err(e) => prepared.dead.push(Rejected {
                 index,
                 class: e.class(),
@@ -158,35 +139,65 @@ pub async fn dead_letter(sinks: &Sinks, records: &[Record], prepared: &Prepared)
     Ok(())
 }
 
-/// Applies the batch and moves the offsets, in one transaction. Records below the stored
-/// next offset of their partition were applied by an earlier transaction and are skipped.
-pub async fn apply(sinks: &Sinks, prepared: &Prepared) -> Result<(WriteOutcome, usize), sqlx::Error> {
+/// Decides and applies the batch and moves the offsets, in one transaction. Records below the
+/// stored next offset of their partition were applied by an earlier transaction (a
+/// redelivery after a rebalance) and are skipped.
+pub async fn apply(sinks: &Sinks, prepared: &Prepared) -> Result<(Outcome, usize), sqlx::Error> {
     let mut tx = sinks.pool.begin().await?;
     let partitions: Vec<i32> = prepared.next_offsets.keys().copied().collect();
     let stored = offsets::lock_and_load(&mut tx, &sinks.projection, &sinks.topic, &partitions).await?;
-    let (fresh, stale): (Vec<&WriteRow>, Vec<&WriteRow>) = prepared
-        .writes
+    let (fresh, stale): (Vec<&Decided>, Vec<&Decided>) = prepared
+        .commands
         .iter()
-        .partition(|w| w.log_offset >= stored.get(&w.log_partition).copied().unwrap_or(0));
-    let fresh: Vec<WriteRow> = fresh.into_iter().cloned().collect();
-    let outcome = memories::apply_writes(&mut tx, &sinks.topic, &fresh).await?;
+        .partition(|d| d.offset >= stored.get(&d.partition).copied().unwrap_or(0));
+    let fresh: Vec<Decided> = fresh.into_iter().cloned().collect();
+    let (command_ids, memory_ids, share_namespaces, tool_namespaces) = fold::touched(&fresh);
+    let state = memories::load_state(
+        &mut tx,
+        &command_ids,
+        &memory_ids,
+        &share_namespaces,
+        &tool_namespaces,
+    )
+    .await?;
+    let outcome = fold::fold(state, &fresh, &sinks.fold);
+    memories::write(&mut tx, &outcome.changes).await?;
     offsets::advance(&mut tx, &sinks.projection, &sinks.topic, &prepared.next_offsets).await?;
     tx.commit().await?;
     Ok((outcome, stale.len()))
 }
 
-/// Copies applied memories to Redis, each guarded by its log position.
-pub async fn cache(sinks: &Sinks, outcome: &WriteOutcome) -> Result<usize, memos_redis::hot::Error> {
-    let ids: Vec<String> = outcome.applied.iter().map(|m| m.memory_id.to_string()).collect();
-    let writes: Vec<HotWrite<'_>> = outcome
-        .applied
+/// The document the hot cache holds for a memory: `None` once it is forgotten.
+fn hot_doc(memory: &Memory) -> Option<String> {
+    memory
+        .forgotten_at
+        .is_none()
+        .then(|| serde_json::to_string(memory).expect("views serialize"))
+}
+
+/// Copies the batch's memories and positions to Redis, each guarded by its log position.
+pub async fn cache(
+    sinks: &Sinks,
+    outcome: &Outcome,
+    next_offsets: &BTreeMap<i32, i64>,
+) -> Result<usize, memos_redis::hot::Error> {
+    let memories = &outcome.changes.memories;
+    let ids: Vec<String> = memories.iter().map(|m| m.memory_id.to_string()).collect();
+    let writes: Vec<HotWrite<'_>> = memories
         .iter()
         .zip(&ids)
         .map(|(memory, id)| HotWrite {
             key: id,
             position: memory.log_offset,
-            doc: serde_json::to_string(memory).expect("views serialize"),
+            doc: hot_doc(memory),
+            recent: Recent {
+                namespace: &memory.namespace,
+                score: memory.created_at.timestamp_millis(),
+                keep: memory.forgotten_at.is_none() && memory.tier == "working",
+            },
         })
         .collect();
-    sinks.hot.put_memories(&writes).await
+    let written = sinks.hot.put_memories(&writes).await?;
+    sinks.hot.advance_positions(&sinks.topic, next_offsets).await?;
+    Ok(written)
 }

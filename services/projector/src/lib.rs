@@ -8,12 +8,14 @@
 //! or Redis pauses the loop with backoff; offsets never move past an unapplied record.
 //!
 //! - [`consumer`]: the Kafka consumer that seeks to stored offsets on assignment.
+//! - [`fold`]: the pure, deterministic decision of a batch of memory commands.
 //! - [`batch`]: one unit of work: decode, dead-letter, apply, cache.
 //! - [`lag`]: measures consumer lag from the broker's end offsets and the applied positions.
 //! - [`worker`]: the loop that takes batches adaptively and drives [`batch`].
 
 pub mod batch;
 pub mod consumer;
+pub mod fold;
 pub mod lag;
 pub mod worker;
 

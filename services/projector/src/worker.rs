@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batch::{self, Record, Report, Sinks};
 use crate::consumer::{self, Positions, SeekToStored};
+use crate::fold::FoldConfig;
 use crate::lag;
 
 pub struct Projector {
@@ -74,6 +75,10 @@ impl Projector {
                 topic: config.topics.memory_commands.clone(),
                 dead_letter_topic: config.topics.dead_letter.clone(),
                 projection: crate::MEMORY_PROJECTION.to_owned(),
+                fold: FoldConfig {
+                    topic: config.topics.memory_commands.clone(),
+                    embedding_dimensions: Some(config.memory.embedding_dimensions),
+                },
             },
             consumer,
             handle,
@@ -252,14 +257,14 @@ impl Projector {
                 m::REDIS_SECONDS,
                 m::REDIS_ERRORS,
                 "put_memories",
-                batch::cache(&self.sinks, &outcome),
+                batch::cache(&self.sinks, &outcome, &prepared.next_offsets),
             )
         })?;
         drop(record_spans);
 
         let report = Report {
             records: records.len(),
-            applied: outcome.applied.len(),
+            applied: outcome.applied,
             rejected: outcome.rejected.len(),
             duplicates: outcome.duplicates,
             dead_lettered: prepared.dead.len(),
@@ -360,7 +365,7 @@ fn register_series(config: &Config) {
     for step in ["dead_letter", "apply", "cache"] {
         metrics::counter!(m::PROJECTOR_RETRIES, "projection" => projection, "step" => step).increment(0);
     }
-    for reason in memos_postgres::memories::REJECTION_REASONS {
+    for reason in crate::fold::reason::ALL {
         metrics::counter!(m::PROJECTOR_REJECTED, "projection" => projection, "reason" => *reason)
             .increment(0);
     }

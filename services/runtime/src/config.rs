@@ -47,7 +47,19 @@ pub struct Config {
     pub redis: RedisConfig,
     pub http: HttpConfig,
     pub projector: ProjectorConfig,
+    pub memory: MemoryConfig,
     pub telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Dimension of every stored embedding (the vector index is built for it); writes with
+    /// another dimension are refused.
+    pub embedding_dimensions: usize,
+    /// How long a read carrying a position token waits for the views to reach it.
+    #[serde(with = "humantime_serde")]
+    pub read_your_writes_timeout: Duration,
 }
 
 /// Wire format of OTLP trace export.
@@ -190,6 +202,10 @@ impl Default for Config {
                 poll_timeout: Duration::from_millis(200),
                 session_timeout: Duration::from_secs(10),
                 max_retry_backoff: Duration::from_secs(10),
+            },
+            memory: MemoryConfig {
+                embedding_dimensions: 384,
+                read_your_writes_timeout: Duration::from_secs(5),
             },
             telemetry: TelemetryConfig {
                 otlp_endpoint: None,

@@ -1,0 +1,159 @@
+//! Appending commands, and their status. [`append`] is the one way the API writes: it
+//! validates, encodes (Avro single-object), attaches the headers (command id, actor, schema,
+//! W3C trace context of the request span) and waits for the broker's `acks=all`
+//! acknowledgement before the handler answers `202`.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use chrono::Utc;
+use memos_kafka::{ProduceError, headers};
+use memos_postgres::memories::CommandRow;
+use memos_postgres::queries;
+use memos_runtime::metrics::{self as m, observe};
+use memos_runtime::telemetry;
+use memos_schemas::MemoryCommand;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::ApiError;
+use crate::server::AppState;
+
+/// Header naming who issues a command; defaults to the agent that owns the namespace.
+pub const ACTOR_HEADER: &str = "x-memos-actor";
+
+/// What every command needs besides its own fields.
+pub struct Header {
+    pub command_id: String,
+    pub actor: String,
+    pub issued_at: i64,
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+}
+
+/// The header of a command issued by this request on behalf of `namespace`.
+pub fn header(headers: &HeaderMap, namespace: &str, command_id: Option<Uuid>) -> Result<Header, ApiError> {
+    let actor = match headers.get(ACTOR_HEADER) {
+        Some(value) => value
+            .to_str()
+            .map_err(|_| ApiError::bad_request("x-memos-actor is not text").with_field("actor"))?
+            .to_owned(),
+        None => namespace.to_owned(),
+    };
+    // The request span continues the caller's trace (see server::observe); the command
+    // carries that span's context through Kafka to the projector.
+    let (traceparent, tracestate) = match telemetry::current_traceparent() {
+        Some((parent, state)) => (Some(parent), state),
+        None => (None, None),
+    };
+    Ok(Header {
+        command_id: command_id.unwrap_or_else(Uuid::now_v7).to_string(),
+        actor,
+        issued_at: Utc::now().timestamp_millis(),
+        traceparent,
+        tracestate,
+    })
+}
+
+/// The answer to an accepted command: where it is in the log, and the position token a
+/// later read can carry (`X-Memos-Position`) to see its effect.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Accepted {
+    pub command_id: Uuid,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_id: Option<Uuid>,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub position: String,
+}
+
+/// Validates, encodes and appends `command`; answers once the broker acknowledged it.
+pub async fn append(
+    state: &AppState,
+    command: MemoryCommand,
+    tracestate: Option<&str>,
+    memory_id: Option<Uuid>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    command.validate()?;
+    let payload = command
+        .encode()
+        .map_err(|e| ApiError::internal("cannot encode the command", e))?;
+    let topic = &state.config.topics.memory_commands;
+    let mut record_headers = vec![
+        (headers::COMMAND_ID, command.command_id()),
+        (headers::SCHEMA, command.kind().full_name()),
+        (headers::ACTOR, command.actor()),
+    ];
+    if let Some(traceparent) = command.traceparent() {
+        record_headers.push((headers::TRACEPARENT, traceparent));
+    }
+    if let Some(tracestate) = tracestate {
+        record_headers.push((headers::TRACESTATE, tracestate));
+    }
+    let delivered = state
+        .producer
+        .send(topic, command.namespace(), &payload, &record_headers)
+        .await
+        .map_err(|e| match e {
+            ProduceError::TooLarge(_) => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                "the command is larger than the broker accepts",
+            ),
+            ProduceError::Unavailable(e) => {
+                tracing::warn!(error = %e, "append failed");
+                ApiError::unavailable(
+                    "the log did not acknowledge the command; retry with the same command_id",
+                )
+            }
+        })?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Accepted {
+            command_id: Uuid::parse_str(command.command_id()).expect("validated"),
+            memory_id,
+            topic: topic.clone(),
+            partition: delivered.partition,
+            offset: delivered.offset,
+            position: format!("{}:{}", delivered.partition, delivered.offset),
+        }),
+    ))
+}
+
+/// `GET /v1/commands/{id}`: pending until the projector decided; then applied or rejected
+/// with the reason and the log position.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CommandStatus {
+    pub command_id: Uuid,
+    pub status: String,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<CommandRow>,
+}
+
+pub async fn status(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<CommandStatus>, ApiError> {
+    let command_id = crate::memories::parse_uuid("command_id", &id)?;
+    let row = observe(
+        m::POSTGRES_SECONDS,
+        m::POSTGRES_ERRORS,
+        "command_status",
+        queries::command(&state.pool, command_id),
+    )
+    .await
+    .map_err(|e| ApiError::internal("cannot read the command status", e))?;
+    Ok(Json(match row {
+        Some(row) => CommandStatus {
+            command_id,
+            status: row.status.clone(),
+            decision: Some(row),
+        },
+        None => CommandStatus {
+            command_id,
+            status: "pending".into(),
+            decision: None,
+        },
+    }))
+}
