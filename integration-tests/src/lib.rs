@@ -5,6 +5,7 @@
 //! The stack's addresses come from the environment (`MEMOS_KAFKA_BROKERS`, `DATABASE_URL`,
 //! `REDIS_URL`) or, when unset, from `.stack/env` at the repository root.
 
+pub mod api;
 pub mod metrics_text;
 pub mod process;
 pub mod stack;

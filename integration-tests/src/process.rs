@@ -28,7 +28,7 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
 pub struct MemosProcess {
     child: Child,
     pub log: PathBuf,
-    /// `http://127.0.0.1:PORT` when the process serves the API.
+    /// `http://127.0.0.1:PORT`: the API, or the projector role's /healthz and /metrics.
     pub base_url: Option<String>,
 }
 
@@ -60,18 +60,22 @@ impl MemosProcess {
             log,
             base_url: None,
         };
+        // Every role serves HTTP (the projector role: /healthz and /metrics only).
         let marker = if role == "projector" {
-            "projector started"
+            "operations endpoint listening"
         } else {
             "api listening"
         };
         let line = process.wait_for_log(marker, Duration::from_secs(60)).await?;
-        if role != "projector" {
-            let value: serde_json::Value = serde_json::from_str(&line)?;
-            let addr = value["fields"]["addr"]
-                .as_str()
-                .context("api listening line has no addr")?;
-            process.base_url = Some(format!("http://{addr}"));
+        let value: serde_json::Value = serde_json::from_str(&line)?;
+        let addr = value["fields"]["addr"]
+            .as_str()
+            .context("listening line has no addr")?;
+        process.base_url = Some(format!("http://{addr}"));
+        if role != "api" {
+            process
+                .wait_for_log("projector started", Duration::from_secs(60))
+                .await?;
         }
         Ok(process)
     }

@@ -110,6 +110,7 @@ impl TestEnv {
             ("MEMOS__PROJECTOR__GROUP_ID", self.group_id.as_str()),
             ("MEMOS__REDIS__KEY_PREFIX", self.redis_prefix.as_str()),
             ("MEMOS__HTTP__BIND", "127.0.0.1:0"),
+            ("MEMOS__MEMORY__EMBEDDING_DIMENSIONS", "3"),
             ("RUST_LOG", "info"),
         ]
         .into_iter()
@@ -139,6 +140,25 @@ impl TestEnv {
                 Ok((p, high))
             })
             .collect()
+    }
+
+    /// Makes this test's database refuse (false) or accept (true) connections, closing the
+    /// open ones: PostgreSQL unavailable to the processes of this test only.
+    pub async fn set_database_available(&self, available: bool) -> anyhow::Result<()> {
+        let mut admin = PgConnection::connect(&self.admin_url).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS {available}",
+            self.database
+        )))
+        .execute(&mut admin)
+        .await?;
+        if !available {
+            sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+                .bind(&self.database)
+                .execute(&mut admin)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Drops this test's database (best effort; the topics stay, they are cheap).

@@ -3,5 +3,6 @@
 mod crash;
 mod dead_letters;
 mod memory_path;
+mod memory_pipeline;
 mod observability;
 mod prometheus;
