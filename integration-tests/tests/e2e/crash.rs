@@ -119,3 +119,56 @@ async fn sigkilled_projector_applies_every_command_exactly_once() -> anyhow::Res
     env.cleanup().await;
     Ok(())
 }
+
+/// Cooperative rebalancing: a second projector joins mid-stream and the first one leaves
+/// (SIGTERM), while writes go on; every command is applied exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projectors_joining_and_leaving_mid_stream_apply_every_command_once() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let api = MemosProcess::start(&env, "api", &[]).await?;
+    let small_batches = [("MEMOS__PROJECTOR__MAX_BATCH_RECORDS", "10")];
+    let mut first = MemosProcess::start(&env, "projector", &small_batches).await?;
+    let http = reqwest::Client::new();
+    let url = api.url("/v1/memories");
+
+    let mut written = write_range(&http, &url, 0..300).await?;
+    let second = MemosProcess::start(&env, "projector", &small_batches).await?;
+    written.extend(write_range(&http, &url, 300..600).await?);
+    let status = first.terminate(Duration::from_secs(30)).await?;
+    assert!(status.success(), "graceful stop: {status}");
+    written.extend(write_range(&http, &url, 600..900).await?);
+
+    eventually("all 900 commands decided", Duration::from_secs(120), || async {
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM memory_commands")
+            .fetch_one(&env.pool)
+            .await?;
+        Ok((n >= 900).then_some(()))
+    })
+    .await?;
+    let high: i64 = env
+        .high_watermarks(&env.commands_topic)?
+        .iter()
+        .map(|(_, h)| h)
+        .sum();
+    assert_eq!(high, 900);
+    let rows: Vec<(String, String)> = sqlx::query_as("SELECT memory_id::text, content FROM memories")
+        .fetch_all(&env.pool)
+        .await?;
+    let expected: HashMap<String, String> = written.into_iter().collect();
+    let actual: HashMap<String, String> = rows.into_iter().collect();
+    assert_eq!(actual, expected);
+    let (histories,): (i64,) = sqlx::query_as("SELECT count(*) FROM memory_history")
+        .fetch_one(&env.pool)
+        .await?;
+    assert_eq!(histories, 900, "one history row per command");
+    assert!(
+        second.log_text().contains("partition assigned"),
+        "the second projector took partitions"
+    );
+    assert!(
+        first.log_text().contains("partition revoked"),
+        "the first projector gave partitions back"
+    );
+    env.cleanup().await;
+    Ok(())
+}

@@ -104,3 +104,130 @@ async fn undecodable_records_are_dead_lettered_and_the_partition_flows_on() -> a
     env.cleanup().await;
     Ok(())
 }
+
+fn sample_write(agent: &str, content: &str) -> memos_schemas::WriteMemory {
+    memos_schemas::WriteMemory {
+        command_id: uuid::Uuid::new_v4().to_string(),
+        namespace: agent.into(),
+        actor: agent.into(),
+        issued_at: 1_790_000_000_000,
+        traceparent: None,
+        memory_id: uuid::Uuid::new_v4().to_string(),
+        content: content.into(),
+        tier: memos_schemas::Tier::Episodic,
+        tags: vec!["legacy".into()],
+        metadata_json: r#"{"from":"v1"}"#.into(),
+        importance: 0.25,
+        expires_at: None,
+        embedding: None,
+        source: None,
+    }
+}
+
+/// Every class of bad input (not Avro, unknown fingerprint, malformed body, fails
+/// validation, no value) is dead-lettered with its class, and the partition keeps flowing;
+/// a record written with the released version 1 of the schema still projects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_bad_input_class_is_dead_lettered_and_old_schema_records_project() -> anyhow::Result<()> {
+    use apache_avro::types::Value as Avro;
+
+    let env = TestEnv::new().await?;
+    let memos = MemosProcess::start(&env, "all", &[]).await?;
+    let producer: FutureProducer = env.kafka_config().create()?;
+    let agent = "agent-classes";
+    let send = |payload: Option<Vec<u8>>| {
+        let producer = producer.clone();
+        let topic = env.commands_topic.clone();
+        async move {
+            let mut record = FutureRecord::<str, [u8]>::to(&topic).key(agent);
+            if let Some(payload) = &payload {
+                record = record.payload(payload);
+            }
+            producer
+                .send(record, Duration::from_secs(10))
+                .await
+                .map_err(|(e, _)| e)
+        }
+    };
+    let valid = memos_schemas::MemoryCommand::Write(sample_write(agent, "valid")).encode()?;
+    let mut truncated = valid.clone();
+    truncated.truncate(valid.len() - 5);
+    let mut invalid = sample_write(agent, "bad metadata");
+    invalid.metadata_json = "[1, 2]".into();
+    let invalid = memos_schemas::MemoryCommand::Write(invalid).encode()?;
+    let mut expected = vec![
+        (send(Some(b"{\"json\": true}".to_vec())).await?.offset, "not_avro"),
+        (
+            send(Some(memos_schemas::single_object::encode(7, b"\x00")))
+                .await?
+                .offset,
+            "unknown_schema",
+        ),
+        (send(Some(truncated)).await?.offset, "malformed"),
+        (send(Some(invalid)).await?.offset, "invalid"),
+        (send(None).await?.offset, "empty"),
+    ];
+    expected.sort();
+
+    // A producer still on version 1 of WriteMemory (no `source` field).
+    let v1 = apache_avro::Schema::parse_str(
+        memos_schemas::registry::RELEASED
+            .iter()
+            .find(|r| r.kind == memos_schemas::registry::CommandKind::WriteMemory && r.version == 1)
+            .unwrap()
+            .json,
+    )?;
+    let legacy = sample_write(agent, "written by an old producer");
+    let Avro::Record(fields) = apache_avro::to_value(&legacy)? else {
+        unreachable!()
+    };
+    let fields = fields.into_iter().filter(|(name, _)| name != "source").collect();
+    let body = apache_avro::writer::datum::GenericDatumWriter::builder(&v1)
+        .build()?
+        .write_value_to_vec(Avro::Record(fields))?;
+    let framed =
+        memos_schemas::single_object::encode(memos_schemas::fingerprint::schema_fingerprint(&v1), &body);
+    let legacy_offset = send(Some(framed)).await?.offset;
+
+    let http = reqwest::Client::new();
+    let memory: Value = eventually(
+        "the version-1 record to be projected",
+        Duration::from_secs(30),
+        || {
+            let url = memos.url(&format!("/v1/memories/{}", legacy.memory_id));
+            let http = http.clone();
+            async move {
+                let response = http.get(url).send().await?;
+                Ok((response.status() == 200).then_some(response.json::<Value>().await?))
+            }
+        },
+    )
+    .await?;
+    assert_eq!(memory["content"], "written by an old producer");
+    assert_eq!(memory["tier"], "episodic");
+    assert_eq!(memory["metadata"], json!({"from": "v1"}));
+    assert_eq!(memory["source"], Value::Null);
+    assert_eq!(memory["log_offset"], legacy_offset);
+
+    let mut consumer_config = env.kafka_config();
+    consumer_config
+        .set("group.id", format!("{}-classes", env.group_id))
+        .set("auto.offset.reset", "earliest");
+    let consumer: BaseConsumer = consumer_config.create()?;
+    consumer.subscribe(&[env.dead_letter_topic.as_str()])?;
+    let mut letters = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while letters.len() < expected.len() && std::time::Instant::now() < deadline {
+        if let Some(message) = consumer.poll(Duration::from_millis(200)) {
+            let message = message?;
+            let offset = header(&message, "memos-dlq-origin-offset").and_then(|o| o.parse::<i64>().ok());
+            let class = header(&message, "memos-dlq-error-class").unwrap_or_default();
+            letters.push((offset.unwrap_or(-1), class));
+        }
+    }
+    letters.sort();
+    let expected: Vec<(i64, String)> = expected.into_iter().map(|(o, c)| (o, c.to_owned())).collect();
+    assert_eq!(letters, expected);
+    env.cleanup().await;
+    Ok(())
+}

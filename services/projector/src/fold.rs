@@ -486,3 +486,159 @@ pub fn fold(state: State, batch: &[Decided], config: &FoldConfig) -> Outcome {
     }
     folder.finish()
 }
+
+#[cfg(test)]
+mod tests {
+    use memos_schemas::{ForgetMemory, Tier, UpdateMemory, WriteMemory};
+
+    use super::*;
+
+    const NS: &str = "agent-1";
+
+    fn at(offset: i64) -> Decided {
+        Decided {
+            command: MemoryCommand::Forget(ForgetMemory {
+                command_id: Uuid::new_v4().to_string(),
+                namespace: NS.into(),
+                actor: NS.into(),
+                issued_at: 0,
+                traceparent: None,
+                memory_id: Uuid::nil().to_string(),
+                expected_version: None,
+                reason: None,
+            }),
+            partition: 0,
+            offset,
+            record_time: Utc
+                .timestamp_millis_opt(1_790_000_000_000 + offset * 1000)
+                .unwrap(),
+            traceparent: None,
+        }
+    }
+
+    fn write(offset: i64, memory: Uuid) -> Decided {
+        Decided {
+            command: MemoryCommand::Write(WriteMemory {
+                command_id: Uuid::new_v4().to_string(),
+                namespace: NS.into(),
+                actor: NS.into(),
+                issued_at: 0,
+                traceparent: None,
+                memory_id: memory.to_string(),
+                content: format!("content at {offset}"),
+                tier: Tier::Working,
+                tags: vec![],
+                metadata_json: "{}".into(),
+                importance: 0.5,
+                expires_at: None,
+                embedding: None,
+                source: None,
+            }),
+            ..at(offset)
+        }
+    }
+
+    fn update(offset: i64, memory: Uuid, expected: Option<i64>, content: &str) -> Decided {
+        Decided {
+            command: MemoryCommand::Update(UpdateMemory {
+                command_id: Uuid::new_v4().to_string(),
+                namespace: NS.into(),
+                actor: NS.into(),
+                issued_at: 0,
+                traceparent: None,
+                memory_id: memory.to_string(),
+                expected_version: expected,
+                content: Some(content.into()),
+                tier: None,
+                tags: None,
+                metadata_json: None,
+                importance: None,
+                expires_at: None,
+                clear_expiry: false,
+                embedding: None,
+            }),
+            ..at(offset)
+        }
+    }
+
+    fn config() -> FoldConfig {
+        FoldConfig {
+            topic: "t".into(),
+            embedding_dimensions: Some(3),
+        }
+    }
+
+    #[test]
+    fn commands_in_one_batch_apply_in_log_order() {
+        let id = Uuid::new_v4();
+        let batch = vec![
+            write(0, id),
+            update(1, id, Some(1), "second"),
+            update(2, id, Some(1), "stale"),
+        ];
+        let outcome = fold(State::default(), &batch, &config());
+        assert_eq!(outcome.applied, 2);
+        assert_eq!(outcome.rejected.len(), 1);
+        assert!(outcome.rejected[0].1.starts_with(reason::VERSION_CONFLICT));
+        let memory = &outcome.changes.memories[0];
+        assert_eq!((memory.version, memory.content.as_str()), (2, "second"));
+        let history = &outcome.changes.history;
+        assert_eq!(history.len(), 3);
+        assert_eq!(history[0].valid_to, history[1].valid_from, "states chain");
+        assert_eq!(history[1].valid_to, None);
+        assert_eq!(history[2].status, "rejected");
+    }
+
+    #[test]
+    fn the_same_batch_always_decides_the_same() {
+        let id = Uuid::new_v4();
+        let batch = vec![write(0, id), update(1, id, None, "x"), write(2, id)];
+        let a = fold(State::default(), &batch, &config());
+        let b = fold(State::default(), &batch, &config());
+        assert_eq!(a.changes.memories, b.changes.memories);
+        assert_eq!(a.changes.history, b.changes.history);
+        assert_eq!(a.changes.commands, b.changes.commands);
+        assert!(a.rejected[0].1.starts_with(reason::MEMORY_EXISTS));
+    }
+
+    #[test]
+    fn a_command_id_seen_before_is_a_no_op() {
+        let id = Uuid::new_v4();
+        let first = write(0, id);
+        let mut again = write(1, Uuid::new_v4());
+        again.command = first.command.clone();
+        let mut state = State::default();
+        let outcome = fold(state.clone(), &[first.clone(), again], &config());
+        assert_eq!((outcome.applied, outcome.duplicates), (1, 1));
+        state
+            .seen
+            .insert(Uuid::parse_str(first.command.command_id()).unwrap());
+        let replay = fold(state, &[first], &config());
+        assert_eq!((replay.applied, replay.duplicates), (0, 1));
+        assert!(replay.changes.memories.is_empty() && replay.changes.commands.is_empty());
+    }
+
+    #[test]
+    fn changes_to_earlier_states_close_their_open_history_once() {
+        let id = Uuid::new_v4();
+        let first = fold(State::default(), &[write(0, id)], &config());
+        let mut state = State::default();
+        state.memories.insert(id, first.changes.memories[0].clone());
+        let batch = vec![update(1, id, Some(1), "a"), update(2, id, Some(2), "b")];
+        let outcome = fold(state, &batch, &config());
+        assert_eq!(outcome.changes.close_history, vec![(id, batch[0].record_time)]);
+        assert_eq!(outcome.changes.memories[0].version, 3);
+    }
+
+    #[test]
+    fn wrong_embedding_dimension_is_rejected() {
+        let id = Uuid::new_v4();
+        let mut w = write(0, id);
+        if let MemoryCommand::Write(c) = &mut w.command {
+            c.embedding = Some(vec![1.0; 4]);
+        }
+        let outcome = fold(State::default(), &[w], &config());
+        assert!(outcome.rejected[0].1.starts_with(reason::EMBEDDING_DIMENSION));
+        assert!(outcome.changes.memories.is_empty());
+    }
+}
