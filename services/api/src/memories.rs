@@ -74,6 +74,35 @@ fn check_dimensions(state: &AppState, embedding: Option<&Vec<f32>>) -> Result<()
     }
 }
 
+/// Refuses, before appending, a command the projector would certainly reject: views only
+/// move forward, so a memory id that already exists, a forgotten memory, or a version
+/// already past `expected_version` can never become acceptable. Anything else is decided
+/// by the projector in log order (`GET /v1/commands/{id}`).
+async fn refuse_certain_conflict(
+    state: &AppState,
+    memory_id: Uuid,
+    expected_version: Option<i64>,
+    writing: bool,
+) -> Result<(), ApiError> {
+    let read = queries::memory(&state.pool, None, memory_id);
+    let current = observe(m::POSTGRES_SECONDS, m::POSTGRES_ERRORS, "get_memory", read)
+        .await
+        .map_err(|e| ApiError::internal("cannot read the memory", e))?;
+    let conflict = |message: String| Err(ApiError::new(StatusCode::CONFLICT, "conflict", message));
+    match current {
+        Some(_) if writing => conflict(format!("memory {memory_id} already exists")),
+        Some(memory) if memory.forgotten_at.is_some() => {
+            conflict(format!("memory {memory_id} was forgotten"))
+        }
+        Some(memory) if expected_version.is_some_and(|v| v < memory.version) => conflict(format!(
+            "expected version {}, memory {memory_id} is already at version {}",
+            expected_version.unwrap_or_default(),
+            memory.version
+        )),
+        _ => Ok(()),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WriteMemoryRequest {
@@ -109,6 +138,10 @@ pub async fn write(
     let h = commands::header(&headers, &request.agent_id, request.command_id)?;
     check_dimensions(&state, request.embedding.as_ref())?;
     let memory_id = request.memory_id.unwrap_or_else(Uuid::now_v7);
+    if request.memory_id.is_some() && request.command_id.is_none() {
+        // A client-chosen id without a command id cannot be a retry of an accepted write.
+        refuse_certain_conflict(&state, memory_id, None, true).await?;
+    }
     let command = MemoryCommand::Write(WriteMemory {
         command_id: h.command_id,
         namespace: request.agent_id,
@@ -165,6 +198,7 @@ pub async fn update(
     let Json(request) = body?;
     let h = commands::header(&headers, &request.agent_id, request.command_id)?;
     check_dimensions(&state, request.embedding.as_ref())?;
+    refuse_certain_conflict(&state, memory_id, request.expected_version, false).await?;
     let command = MemoryCommand::Update(UpdateMemory {
         command_id: h.command_id,
         namespace: request.agent_id,
@@ -206,6 +240,7 @@ pub async fn forget(
     let memory_id = parse_uuid("memory_id", &id)?;
     let Json(request) = body?;
     let h = commands::header(&headers, &request.agent_id, request.command_id)?;
+    refuse_certain_conflict(&state, memory_id, request.expected_version, false).await?;
     let command = MemoryCommand::Forget(ForgetMemory {
         command_id: h.command_id,
         namespace: request.agent_id,
