@@ -2,6 +2,8 @@
 
 mod crash;
 mod dead_letters;
+mod dlq_cli;
+mod hot_views;
 mod memory_path;
 mod memory_pipeline;
 mod observability;

@@ -31,40 +31,51 @@ pub struct ShareRequest {
 }
 
 pub async fn share(
-    State(state): State<AppState>,
+    state: State<AppState>,
     headers: HeaderMap,
     body: Result<Json<ShareRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    let Json(r) = body?;
-    let h = commands::header(&headers, &r.agent_id, r.command_id)?;
-    let command = MemoryCommand::Share(ShareMemory {
-        command_id: h.command_id,
-        namespace: r.agent_id,
-        actor: h.actor,
-        issued_at: h.issued_at,
-        traceparent: h.traceparent,
-        memory_id: r.memory_id.map(|id| id.to_string()),
-        grantee: r.grantee,
-    });
-    commands::append(&state, command, h.tracestate.as_deref(), r.memory_id).await
+    share_or_revoke(state, headers, body, true).await
 }
 
 pub async fn revoke(
-    State(state): State<AppState>,
+    state: State<AppState>,
     headers: HeaderMap,
     body: Result<Json<ShareRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    share_or_revoke(state, headers, body, false).await
+}
+
+async fn share_or_revoke(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<ShareRequest>, JsonRejection>,
+    grant: bool,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let Json(r) = body?;
     let h = commands::header(&headers, &r.agent_id, r.command_id)?;
-    let command = MemoryCommand::Revoke(RevokeShare {
-        command_id: h.command_id,
-        namespace: r.agent_id,
-        actor: h.actor,
-        issued_at: h.issued_at,
-        traceparent: h.traceparent,
-        memory_id: r.memory_id.map(|id| id.to_string()),
-        grantee: r.grantee,
-    });
+    let memory_id = r.memory_id.map(|id| id.to_string());
+    let command = if grant {
+        MemoryCommand::Share(ShareMemory {
+            command_id: h.command_id,
+            namespace: r.agent_id,
+            actor: h.actor,
+            issued_at: h.issued_at,
+            traceparent: h.traceparent,
+            memory_id,
+            grantee: r.grantee,
+        })
+    } else {
+        MemoryCommand::Revoke(RevokeShare {
+            command_id: h.command_id,
+            namespace: r.agent_id,
+            actor: h.actor,
+            issued_at: h.issued_at,
+            traceparent: h.traceparent,
+            memory_id,
+            grantee: r.grantee,
+        })
+    };
     commands::append(&state, command, h.tracestate.as_deref(), r.memory_id).await
 }
 

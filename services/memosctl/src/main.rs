@@ -1,6 +1,8 @@
 //! `memosctl`: the operators' and auditors' command line. It reads the same configuration as
 //! `memos` (defaults, `memos.toml`, `MEMOS_KAFKA_BROKERS`/`DATABASE_URL`, `MEMOS__*`).
 
+mod bench;
+mod dlq;
 mod lag;
 
 use anyhow::Context;
@@ -26,6 +28,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Benchmarks on the local stack (see docs/benchmarks.md); one JSON line on stdout.
+    Bench {
+        #[command(subcommand)]
+        bench: bench::Bench,
+    },
+    /// Dead letters: list them, show one, redrive them to their origin topic.
+    Dlq {
+        #[command(subcommand)]
+        command: dlq::DlqCommand,
+    },
 }
 
 #[tokio::main]
@@ -34,5 +46,7 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::load().context("invalid configuration")?;
     match cli.command {
         Command::Lag { group, json } => lag::run(&config, group.as_deref(), json).await,
+        Command::Dlq { command } => dlq::run(&config, command).await,
+        Command::Bench { bench } => bench::run(&config, bench).await,
     }
 }
