@@ -193,8 +193,9 @@ pub async fn load_state(
     Ok(state)
 }
 
-fn json<T: Serialize>(rows: &T) -> serde_json::Value {
-    serde_json::to_value(rows).expect("view rows serialize")
+/// Rows as one JSON text, cast to `jsonb` by the statement: no intermediate value tree.
+fn json<T: Serialize>(rows: &T) -> String {
+    serde_json::to_string(rows).expect("view rows serialize")
 }
 
 /// Writes what a batch decided: one set-based statement per table.

@@ -167,6 +167,40 @@ pub async fn apply(sinks: &Sinks, prepared: &Prepared) -> Result<(Outcome, usize
     Ok((outcome, stale.len()))
 }
 
+/// Splits a batch into at most `ways` batches by partition (partition `p` goes to group
+/// `p % ways`), keeping log order within each partition. Partitions share no namespace, so
+/// the groups can be decided and committed concurrently, each with its own offsets.
+pub fn split(prepared: Prepared, ways: usize) -> Vec<Prepared> {
+    let ways = ways.max(1);
+    let mut groups: Vec<Prepared> = (0..ways).map(|_| Prepared::default()).collect();
+    let group_of = |partition: i32| partition.rem_euclid(ways as i32) as usize;
+    for (partition, next) in prepared.next_offsets {
+        groups[group_of(partition)].next_offsets.insert(partition, next);
+    }
+    for command in prepared.commands {
+        groups[group_of(command.partition)].commands.push(command);
+    }
+    groups.retain(|g| !g.next_offsets.is_empty());
+    groups
+}
+
+/// Applies the groups of [`split`] concurrently, one transaction each. If one fails, the
+/// caller retries them all: groups that committed are then skipped by their stored offsets.
+pub async fn apply_all(sinks: &Sinks, groups: &[Prepared]) -> Result<(Outcome, usize), sqlx::Error> {
+    let results = futures::future::join_all(groups.iter().map(|group| apply(sinks, group))).await;
+    let mut merged = Outcome::default();
+    let mut already_applied = 0;
+    for result in results {
+        let (outcome, stale) = result?;
+        merged.applied += outcome.applied;
+        merged.duplicates += outcome.duplicates;
+        merged.rejected.extend(outcome.rejected);
+        merged.changes.memories.extend(outcome.changes.memories);
+        already_applied += stale;
+    }
+    Ok((merged, already_applied))
+}
+
 /// The document the hot cache holds for a memory: `None` once it is forgotten.
 fn hot_doc(memory: &Memory) -> Option<String> {
     memory

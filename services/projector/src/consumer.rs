@@ -140,7 +140,11 @@ pub fn create(
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        // Bounded prefetch: the projector applies in batches, so a few MiB of read-ahead keep
+        // it busy; librdkafka's 64 MiB default would dominate its memory with a backlog.
+        .set("queued.max.messages.kbytes", "8192")
+        .set("fetch.max.bytes", "8388608");
     for (key, value) in &kafka.properties {
         config.set(key, value);
     }

@@ -114,7 +114,21 @@ pub fn touched(batch: &[Decided]) -> (Vec<Uuid>, Vec<Uuid>, Vec<String>, Vec<Str
     )
 }
 
+/// A memory as its history keeps it: everything but the embedding vector, which stays in
+/// the current view only (the history records that it changed and its dimension); it is by
+/// far the largest field and no as-of or audit question needs the numbers.
+fn history_state(memory: &Memory) -> Value {
+    let mut value = serde_json::to_value(memory).unwrap_or(Value::Null);
+    if let Value::Object(map) = &mut value {
+        let dimensions = memory.embedding.as_ref().map(Vec::len);
+        map.remove("embedding");
+        map.insert("embedding_dimensions".into(), dimensions.into());
+    }
+    value
+}
+
 /// The command's own fields, without the header, as the history's `change`.
+/// An embedding is recorded by its dimension, as in [`history_state`].
 fn change_of(command: &MemoryCommand) -> Value {
     let mut value = match command {
         MemoryCommand::Write(c) => serde_json::to_value(c),
@@ -128,6 +142,9 @@ fn change_of(command: &MemoryCommand) -> Value {
     if let Value::Object(map) = &mut value {
         for header in ["command_id", "namespace", "actor", "issued_at", "traceparent"] {
             map.remove(header);
+        }
+        if let Some(Value::Array(embedding)) = map.remove("embedding") {
+            map.insert("embedding_dimensions".into(), embedding.len().into());
         }
         map.retain(|_, v| !v.is_null());
     }
@@ -397,7 +414,7 @@ impl Folder<'_> {
             };
             if let Ok(Some(memory)) = &decision {
                 row.version = memory.version;
-                row.state = serde_json::to_value(memory).ok();
+                row.state = Some(history_state(memory));
                 row.valid_from = Some(d.record_time);
                 // The state this one replaces stops being current now.
                 match self.open_row.get(&id) {

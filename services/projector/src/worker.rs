@@ -41,6 +41,7 @@ pub struct Projector {
     max_bytes: usize,
     poll_timeout: Duration,
     max_backoff: Duration,
+    apply_parallelism: usize,
 }
 
 /// The batch was abandoned because shutdown was requested while a dependency was failing.
@@ -90,6 +91,7 @@ impl Projector {
             max_bytes: config.projector.max_batch_bytes,
             poll_timeout: config.projector.poll_timeout,
             max_backoff: config.projector.max_retry_backoff,
+            apply_parallelism: config.projector.apply_parallelism,
         })
     }
 
@@ -239,12 +241,15 @@ impl Projector {
                 .increment(1);
         }
         let apply_started = Instant::now();
+        let next_offsets = prepared.next_offsets.clone();
+        let dead_lettered = prepared.dead.len();
+        let groups = batch::split(prepared, self.apply_parallelism);
         let (outcome, already_applied) = self.retry("apply", shutdown, || {
             observe(
                 m::POSTGRES_SECONDS,
                 m::POSTGRES_ERRORS,
                 "apply_batch",
-                batch::apply(&self.sinks, &prepared),
+                batch::apply_all(&self.sinks, &groups),
             )
         })?;
         metrics::histogram!(m::PROJECTOR_APPLY_SECONDS, "projection" => projection.clone())
@@ -257,7 +262,7 @@ impl Projector {
                 m::REDIS_SECONDS,
                 m::REDIS_ERRORS,
                 "put_memories",
-                batch::cache(&self.sinks, &outcome, &prepared.next_offsets),
+                batch::cache(&self.sinks, &outcome, &next_offsets),
             )
         })?;
         drop(record_spans);
@@ -267,7 +272,7 @@ impl Projector {
             applied: outcome.applied,
             rejected: outcome.rejected.len(),
             duplicates: outcome.duplicates,
-            dead_lettered: prepared.dead.len(),
+            dead_lettered,
             already_applied,
         };
         self.record_batch(records, &report, &outcome.rejected, committed_ms);

@@ -158,6 +158,9 @@ pub struct ProjectorConfig {
     /// another one (librdkafka `session.timeout.ms`): the failover time after a crash.
     #[serde(with = "humantime_serde")]
     pub session_timeout: Duration,
+    /// How many PostgreSQL transactions apply one batch concurrently, each for its own
+    /// partitions (namespaces never span partitions, so they are independent).
+    pub apply_parallelism: usize,
     /// Longest pause between retries when PostgreSQL or Redis fail.
     #[serde(with = "humantime_serde")]
     pub max_retry_backoff: Duration,
@@ -201,6 +204,7 @@ impl Default for Config {
                 max_batch_bytes: 4 * 1024 * 1024,
                 poll_timeout: Duration::from_millis(200),
                 session_timeout: Duration::from_secs(10),
+                apply_parallelism: 2,
                 max_retry_backoff: Duration::from_secs(10),
             },
             memory: MemoryConfig {

@@ -2,7 +2,8 @@
 //! seed gives the same log (ids included).
 //!
 //! Mix: about 70% `WriteMemory` (content of 100 to 600 bytes of words, 0 to 5 tags, a small
-//! metadata object, a tier mix, an importance, 10% with an embedding), 20% `UpdateMemory` of
+//! metadata object, a tier mix, an importance, 10% with an embedding by default), 20%
+//! `UpdateMemory` of
 //! a live memory written earlier in the same namespace (half with the right
 //! `expected_version`, which the generator tracks), 10% `ForgetMemory` of a live memory.
 //! Namespaces are picked with a mild skew (some agents are busier than others). Every
@@ -103,6 +104,8 @@ pub struct Generator {
     namespaces: Vec<String>,
     live: Vec<Vec<Live>>,
     dimensions: usize,
+    /// Share of writes with an embedding (updates: half of it).
+    embedding_fraction: f64,
     /// Unix ms of the first command; each command is one ms later.
     clock_ms: i64,
     pub mix: Mix,
@@ -128,9 +131,16 @@ impl Generator {
             live: (0..namespaces.len()).map(|_| Vec::new()).collect(),
             namespaces,
             dimensions,
+            embedding_fraction: 0.1,
             clock_ms: 1_790_000_000_000,
             mix: Mix::default(),
         }
+    }
+
+    /// Changes the share of writes that carry an embedding (default 0.1).
+    pub fn with_embedding_fraction(mut self, fraction: f64) -> Self {
+        self.embedding_fraction = fraction.clamp(0.0, 1.0);
+        self
     }
 
     /// A namespace index, skewed towards the first ones (density 1/(2 sqrt x)).
@@ -204,9 +214,9 @@ impl Generator {
         v
     }
 
-    /// The fields of a new memory (about 10% with an embedding).
+    /// The fields of a new memory (about 10% with an embedding by default).
     pub fn new_memory(&mut self) -> NewMemory {
-        let embedding = self.rng.chance(0.1).then(|| self.embedding());
+        let embedding = self.rng.chance(self.embedding_fraction).then(|| self.embedding());
         if embedding.is_some() {
             self.mix.with_embedding += 1;
         }
@@ -294,7 +304,10 @@ impl Generator {
         let tags = self.rng.chance(0.3).then(|| self.tags());
         let tier = self.rng.chance(0.2).then(|| self.tier());
         let metadata_json = self.rng.chance(0.2).then(|| self.metadata().to_string());
-        let embedding = self.rng.chance(0.05).then(|| self.embedding());
+        let embedding = self
+            .rng
+            .chance(self.embedding_fraction / 2.0)
+            .then(|| self.embedding());
         if embedding.is_some() {
             self.mix.with_embedding += 1;
         }
