@@ -127,11 +127,13 @@ fn history_state(memory: &Memory) -> Value {
     value
 }
 
-/// The command's own fields, without the header, as the history's `change`.
-/// An embedding is recorded by its dimension, as in [`history_state`].
+/// The command's own fields, without the header, as the history's `change` (empty for a
+/// write, whose change is its initial `state`). An embedding is recorded by its dimension,
+/// as in [`history_state`].
 fn change_of(command: &MemoryCommand) -> Value {
     let mut value = match command {
-        MemoryCommand::Write(c) => serde_json::to_value(c),
+        // A write's change is the whole initial state, which the row's `state` holds.
+        MemoryCommand::Write(_) => return Value::Object(Default::default()),
         MemoryCommand::Update(c) => serde_json::to_value(c),
         MemoryCommand::Forget(c) => serde_json::to_value(c),
         MemoryCommand::Share(c) => serde_json::to_value(c),

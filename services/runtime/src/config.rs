@@ -200,8 +200,8 @@ impl Default for Config {
             },
             projector: ProjectorConfig {
                 group_id: "memos-projector".into(),
-                max_batch_records: 500,
-                max_batch_bytes: 4 * 1024 * 1024,
+                max_batch_records: 2000,
+                max_batch_bytes: 8 * 1024 * 1024,
                 poll_timeout: Duration::from_millis(200),
                 session_timeout: Duration::from_secs(10),
                 apply_parallelism: 2,

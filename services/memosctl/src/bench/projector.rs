@@ -14,8 +14,8 @@
 use std::collections::BTreeMap;
 use std::io::{BufWriter, Read, Write};
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -71,6 +71,10 @@ pub struct Args {
     /// was applied so far (`complete: false`; the references then use the applied rows).
     #[arg(long, default_value = "60m", value_parser = super::parse_duration)]
     timeout: Duration,
+    /// How often to scrape the projector's /metrics, as Prometheus would (0: never). The
+    /// metrics recorder drains its histogram samples only when rendered.
+    #[arg(long, default_value = "15s", value_parser = super::parse_duration)]
+    scrape_interval: Duration,
     /// Skip the COPY ceiling and the naive consumer (projector only).
     #[arg(long)]
     skip_references: bool,
@@ -114,6 +118,10 @@ struct Output {
     events_per_sec_by_fifth: Vec<f64>,
     projector_rss_mb: f64,
     projector_rss_end_mb: f64,
+    /// Resident memory when each fifth of the backlog had been applied.
+    projector_rss_mb_by_fifth: Vec<f64>,
+    metrics_scrape_interval_seconds: f64,
+    metrics_scrapes: u64,
     projector_cpu: CpuUsage,
     applied: i64,
     rejected: i64,
@@ -226,6 +234,9 @@ async fn run_isolated(
         events_per_sec_by_fifth: caught_up.by_fifth,
         projector_rss_mb: round(caught_up.peak_rss_kb as f64 / 1024.0, 1),
         projector_rss_end_mb: round(caught_up.end_rss_kb as f64 / 1024.0, 1),
+        projector_rss_mb_by_fifth: caught_up.rss_by_fifth,
+        metrics_scrape_interval_seconds: args.scrape_interval.as_secs_f64(),
+        metrics_scrapes: caught_up.scrapes,
         projector_cpu: caught_up.cpu,
         applied,
         rejected,
@@ -375,6 +386,8 @@ struct CaughtUp {
     catch_up_seconds: f64,
     from_start_seconds: f64,
     by_fifth: Vec<f64>,
+    rss_by_fifth: Vec<f64>,
+    scrapes: u64,
     peak_rss_kb: u64,
     end_rss_kb: u64,
     cpu: CpuUsage,
@@ -427,11 +440,14 @@ async fn catch_up(
         "bench: projector pid {pid} started, log {}",
         process.log.display()
     );
+    let scrapes = Arc::new(AtomicU64::new(0));
+    let scraper = (!args.scrape_interval.is_zero())
+        .then(|| tokio::spawn(scrape(process.log.clone(), args.scrape_interval, scrapes.clone())));
     let mut first_commit: Option<Instant> = None;
     let mut peak_rss = 0u64;
     let mut end_rss = 0u64;
     let mut last_report = Instant::now();
-    let mut samples: Vec<(Instant, i64)> = Vec::new();
+    let mut samples: Vec<(Instant, i64, u64)> = Vec::new();
     let mut applied;
     let done = loop {
         process.check_alive()?;
@@ -444,7 +460,7 @@ async fn catch_up(
         if applied > 0 && first_commit.is_none() {
             first_commit = Some(now);
         }
-        samples.push((now, applied));
+        samples.push((now, applied, end_rss));
         if applied >= total {
             break now;
         }
@@ -471,18 +487,23 @@ async fn catch_up(
         end_rss = rss;
     }
     let cpu = cpu_before.usage_until(&sys::cpu_snapshot(&[(pid, "projector")]));
+    if let Some(scraper) = scraper {
+        scraper.abort();
+    }
     process.terminate(Duration::from_secs(30))?;
     let first = first_commit.context("the projector applied nothing before the timeout")?;
     let catch_up_seconds = done.duration_since(first).as_secs_f64().max(0.001);
     // Time at which each fifth of what was applied was applied.
     let mut marks = vec![first];
+    let mut rss_by_fifth = Vec::new();
     for fifth in 1..=5 {
         let target = applied * fifth / 5;
-        let at = samples
+        let (at, rss) = samples
             .iter()
-            .find(|(_, applied)| *applied >= target)
-            .map_or(done, |(t, _)| *t);
+            .find(|(_, applied, _)| *applied >= target)
+            .map_or((done, end_rss), |(t, _, rss)| (*t, *rss));
         marks.push(at);
+        rss_by_fifth.push(round(rss as f64 / 1024.0, 1));
     }
     let by_fifth = marks
         .windows(2)
@@ -496,10 +517,38 @@ async fn catch_up(
         catch_up_seconds,
         from_start_seconds: done.duration_since(process.started).as_secs_f64(),
         by_fifth,
+        rss_by_fifth,
+        scrapes: scrapes.load(Ordering::Relaxed),
         peak_rss_kb: peak_rss,
         end_rss_kb: end_rss,
         cpu,
     })
+}
+
+/// Scrapes `/metrics` of the process whose log is `log` every `interval`, as Prometheus
+/// would, once its operations endpoint is listening.
+async fn scrape(log: PathBuf, interval: Duration, scrapes: Arc<AtomicU64>) {
+    let addr = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let addr = text
+            .lines()
+            .filter(|l| l.contains("operations endpoint listening"))
+            .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .and_then(|v| v["fields"]["addr"].as_str().map(str::to_owned));
+        if let Some(addr) = addr {
+            break addr;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let client = reqwest::Client::new();
+    loop {
+        tokio::time::sleep(interval).await;
+        if let Ok(response) = client.get(format!("http://{addr}/metrics")).send().await
+            && response.bytes().await.is_ok()
+        {
+            scrapes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 async fn statuses(pool: &PgPool) -> anyhow::Result<(i64, i64)> {
