@@ -5,7 +5,10 @@
 //! shows up as latency, not as a lower rate. For a fraction of the writes, right after the
 //! `202` the benchmark reads the memory back with the write's position token in
 //! `X-Memos-Position`: the API answers once the views applied that record. Freshness is the
-//! time from sending the write to that read's `200`.
+//! time from sending the write to that read's `200`. A read that gives up (`504
+//! not_caught_up` after `memory.read_your_writes_timeout`) is counted in `check_timeouts` and
+//! enters the freshness quantiles with the time it gave up at, a lower bound (leaving it out
+//! would hide exactly the slowest records).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -51,6 +54,9 @@ pub struct Args {
     /// Embedding dimension of the ~10% writes that carry one (default: configuration).
     #[arg(long)]
     embedding_dimensions: Option<usize>,
+    /// Share of writes carrying an embedding.
+    #[arg(long, default_value_t = 0.1)]
+    embedding_fraction: f64,
     #[arg(long, default_value_t = 1000)]
     namespaces: usize,
     #[arg(long, default_value_t = 42)]
@@ -92,10 +98,15 @@ struct Output {
     spawned: bool,
     target_rate: f64,
     achieved_rate: f64,
+    embedding_fraction: f64,
+    check_fraction: f64,
     duration_seconds: f64,
     writes: u64,
     write_errors: u64,
     checked: u64,
+    /// Reads that gave up waiting (504 not_caught_up); in freshness_ms as lower bounds.
+    check_timeouts: u64,
+    /// Other failed reads (not in freshness_ms).
     check_errors: u64,
     errors_sample: Vec<String>,
     freshness_ms: Quantiles,
@@ -112,6 +123,7 @@ struct Stats {
     writes: u64,
     write_errors: u64,
     checked: u64,
+    check_timeouts: u64,
     check_errors: u64,
     errors_sample: Vec<String>,
     write_ms: Vec<f64>,
@@ -201,7 +213,8 @@ async fn load(config: &Config, args: &Args, url: &str, server_pid: Option<u32>) 
         .filter(|r| r.status().is_success())
         .with_context(|| format!("no memOS API answers at {url}"))?;
 
-    let mut generator = Generator::new(args.seed, args.namespaces, dims);
+    let mut generator =
+        Generator::new(args.seed, args.namespaces, dims).with_embedding_fraction(args.embedding_fraction);
     let mut rng = Rng::new(args.seed.wrapping_add(1));
     let warmup = (args.rate * args.warmup.as_secs_f64()).round() as u64;
     let measured = (args.rate * args.duration.as_secs_f64()).round() as u64;
@@ -257,7 +270,13 @@ async fn load(config: &Config, args: &Args, url: &str, server_pid: Option<u32>) 
                             stats.checked += 1;
                             stats.fresh_ms.push(ms);
                         }
-                        Some(Err(e)) => {
+                        Some(Err(Failed::GaveUp(ms, e))) => {
+                            stats.checked += 1;
+                            stats.check_timeouts += 1;
+                            stats.fresh_ms.push(ms);
+                            stats.error(e);
+                        }
+                        Some(Err(Failed::Other(e))) => {
                             stats.check_errors += 1;
                             stats.error(e);
                         }
@@ -286,10 +305,13 @@ async fn load(config: &Config, args: &Args, url: &str, server_pid: Option<u32>) 
         spawned: server_pid.is_some(),
         target_rate: args.rate,
         achieved_rate: round(achieved_rate, 1),
+        embedding_fraction: args.embedding_fraction,
+        check_fraction: fraction,
         duration_seconds: round(send_seconds, 3),
         writes: stats.writes,
         write_errors: stats.write_errors,
         checked: stats.checked,
+        check_timeouts: stats.check_timeouts,
         check_errors: stats.check_errors,
         errors_sample: std::mem::take(&mut stats.errors_sample),
         freshness_ms: quantiles(&mut stats.fresh_ms),
@@ -325,7 +347,14 @@ fn body(generator: &mut Generator) -> serde_json::Value {
     body
 }
 
-type Checked = Option<Result<f64, String>>;
+/// Why a read-back did not see the write.
+enum Failed {
+    /// The API waited its read-your-writes timeout (ms since the write was sent, message).
+    GaveUp(f64, String),
+    Other(String),
+}
+
+type Checked = Option<Result<f64, Failed>>;
 
 /// Sends one write; when `check`, reads it back with its position token. Returns the write
 /// latency and, when checked, the freshness (both ms from sending the write).
@@ -358,7 +387,9 @@ async fn write_and_check(
     let (Some(id), Some(position)) = (accepted["memory_id"].as_str(), accepted["position"].as_str()) else {
         return Ok((
             write_ms,
-            Some(Err(format!("write answer without id or position: {accepted}"))),
+            Some(Err(Failed::Other(format!(
+                "write answer without id or position: {accepted}"
+            )))),
         ));
     };
     let mut read = client
@@ -372,18 +403,20 @@ async fn write_and_check(
             // The body is part of being visible.
             match r.bytes().await {
                 Ok(_) => Ok(sent.elapsed().as_secs_f64() * 1000.0),
-                Err(e) => Err(format!("read body: {e}")),
+                Err(e) => Err(Failed::Other(format!("read body: {e}"))),
             }
         }
         Ok(r) => {
             let status = r.status();
             let text = r.text().await.unwrap_or_default();
-            Err(format!(
-                "read: {status}: {}",
-                text.chars().take(200).collect::<String>()
-            ))
+            let message = format!("read: {status}: {}", text.chars().take(200).collect::<String>());
+            if status.as_u16() == 504 {
+                Err(Failed::GaveUp(sent.elapsed().as_secs_f64() * 1000.0, message))
+            } else {
+                Err(Failed::Other(message))
+            }
         }
-        Err(e) => Err(format!("read: {e}")),
+        Err(e) => Err(Failed::Other(format!("read: {e}"))),
     };
     Ok((write_ms, Some(checked)))
 }

@@ -73,7 +73,10 @@ pub struct CpuSnapshot {
 #[derive(Debug, Clone, Serialize)]
 pub struct CpuUsage {
     pub wall_seconds: f64,
-    /// CPU seconds per process group (a process that exited in between is not counted).
+    /// CPU seconds per process group. `unattributed`: busy time of the machine that no
+    /// process still alive at the end accounts for (processes that exited in between, such as
+    /// compilers of a concurrent build, and kernel work); a large value means the phase
+    /// shared the machine.
     pub seconds: BTreeMap<String, f64>,
     /// Share of all cores busy (user, system, irq, steal) over the interval.
     pub machine_busy: f64,
@@ -156,11 +159,13 @@ impl CpuSnapshot {
             let delta = (after - before).max(0.0);
             *seconds.entry(group.clone()).or_default() += delta;
         }
+        let busy = later.machine.0 - self.machine.0;
+        let total = later.machine.1 - self.machine.1;
+        let attributed: f64 = seconds.values().sum();
+        seconds.insert("unattributed".into(), (busy - attributed).max(0.0));
         for value in seconds.values_mut() {
             *value = round(*value, 2);
         }
-        let busy = later.machine.0 - self.machine.0;
-        let total = later.machine.1 - self.machine.1;
         CpuUsage {
             wall_seconds: round(later.at.duration_since(self.at).as_secs_f64(), 3),
             seconds,
