@@ -266,7 +266,11 @@ mod tests {
             assert_eq!(config.http.bind.port(), 9001, "env wins over the file");
             assert_eq!(config.projector.poll_timeout, Duration::from_millis(50));
             assert_eq!(config.postgres.url.expose(), "postgres://elsewhere/db");
-            assert_eq!(config.projector.max_batch_records, 500, "defaults stay");
+            let defaults = Config::default();
+            assert_eq!(
+                config.projector.max_batch_records, defaults.projector.max_batch_records,
+                "defaults stay"
+            );
             assert!(
                 !format!("{config:?}").contains("elsewhere"),
                 "secrets never print"
