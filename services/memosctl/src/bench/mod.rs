@@ -173,6 +173,46 @@ impl Isolation {
         Ok(())
     }
 
+    /// Takes a database out of the way once its phase is over, so that its background work
+    /// (autovacuum of the dead tuples a projector leaves, which for an HNSW index is heavy)
+    /// does not run during the next timed phase: dropped, or with `keep` kept with autovacuum
+    /// off on its tables and any running worker stopped.
+    pub async fn retire_database(&mut self, url: &str, keep: bool) -> anyhow::Result<()> {
+        let name = url
+            .split('?')
+            .next()
+            .and_then(|u| u.rsplit('/').next())
+            .context("database url")?
+            .to_owned();
+        let mut admin = self.admin().await?;
+        if keep {
+            let mut conn = PgConnection::connect(url).await?;
+            for table in ["memories", "memory_history", "memory_commands"] {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "ALTER TABLE {table} SET (autovacuum_enabled = false)"
+                )))
+                .execute(&mut conn)
+                .await?;
+            }
+            conn.close().await?;
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = $1 AND backend_type = 'autovacuum worker'",
+            )
+            .bind(&name)
+            .execute(&mut admin)
+            .await?;
+        } else {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(&mut admin)
+            .await?;
+            self.databases.retain(|d| *d != name);
+        }
+        Ok(())
+    }
+
     /// Flushes dirty buffers so that a timed phase does not pay for the previous one's.
     pub async fn checkpoint(&self) {
         if let Ok(mut admin) = self.admin().await

@@ -201,7 +201,8 @@ async fn run_isolated(
     // 3. and 4. The references.
     let (mut copy, mut naive) = (None, None);
     if !args.skip_references {
-        copy = Some(copy_ceiling(iso, &bench_url, dims).await?);
+        bench_pool.close().await;
+        copy = Some(copy_ceiling(iso, &bench_url, dims, args.keep).await?);
         naive = Some(run_naive(config, args, iso, dims).await?);
     }
     bench_pool.close().await;
@@ -609,7 +610,12 @@ struct Timed {
 
 /// Copies the projector's rows out (binary) to files, then times loading them into a fresh
 /// database with the same indexes, all three tables in one transaction.
-async fn copy_ceiling(iso: &mut Isolation, source_url: &str, dims: usize) -> anyhow::Result<Timed> {
+async fn copy_ceiling(
+    iso: &mut Isolation,
+    source_url: &str,
+    dims: usize,
+    keep: bool,
+) -> anyhow::Result<Timed> {
     eprintln!("bench: COPY ceiling");
     let (target_url, target_pool) = iso.create_database("copy", dims).await?;
     target_pool.close().await;
@@ -630,6 +636,7 @@ async fn copy_ceiling(iso: &mut Isolation, source_url: &str, dims: usize) -> any
         files.push((*table, *columns, path));
     }
     source.close().await?;
+    iso.retire_database(source_url, keep).await?;
 
     let mut target = PgConnection::connect(&target_url).await?;
     iso.checkpoint().await;
@@ -673,6 +680,7 @@ async fn copy_ceiling(iso: &mut Isolation, source_url: &str, dims: usize) -> any
     }
     let _ = target.close().await;
     let timed = result.context("COPY into the ceiling database failed")?;
+    iso.retire_database(&target_url, keep).await?;
     eprintln!(
         "bench: COPY of {:.1} MB took {:.2}s",
         timed.bytes as f64 / 1e6,
