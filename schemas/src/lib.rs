@@ -9,11 +9,13 @@
 //! - [`single_object`]: the `C3 01` + fingerprint + body framing.
 //! - [`registry`]: released schemas by fingerprint, and the reader schema of each command.
 //! - [`memory`]: memory commands (`WriteMemory`, ...) and their codec.
+//! - [`task`]: task commands (`DelegateTask`, ...), the orchestrator's `TaskEvent`, their codec.
 
 pub mod fingerprint;
 pub mod memory;
 pub mod registry;
 pub mod single_object;
+pub mod task;
 
 pub use memory::{
     ForgetMemory, MemoryCommand, RegisterTool, RevokeShare, ShareMemory, Tier, UpdateMemory, WriteMemory,

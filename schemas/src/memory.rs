@@ -146,7 +146,7 @@ pub struct ValidationError {
 }
 
 impl ValidationError {
-    fn new(field: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(field: &'static str, message: impl Into<String>) -> Self {
         ValidationError {
             field,
             message: message.into(),
@@ -159,13 +159,13 @@ impl ValidationError {
     }
 }
 
-fn check_uuid(field: &'static str, value: &str) -> Result<(), ValidationError> {
+pub(crate) fn check_uuid(field: &'static str, value: &str) -> Result<(), ValidationError> {
     Uuid::parse_str(value)
         .map(|_| ())
         .map_err(|_| ValidationError::new(field, "must be a UUID"))
 }
 
-fn check_name(field: &'static str, value: &str) -> Result<(), ValidationError> {
+pub(crate) fn check_name(field: &'static str, value: &str) -> Result<(), ValidationError> {
     if value.trim().is_empty() {
         return Err(ValidationError::new(field, "must not be empty"));
     }
@@ -194,7 +194,7 @@ fn check_content(content: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
-fn check_tags(tags: &[String]) -> Result<(), ValidationError> {
+pub(crate) fn check_tags(tags: &[String]) -> Result<(), ValidationError> {
     if tags.len() > MAX_TAGS {
         return Err(ValidationError::new(
             "tags",
@@ -488,6 +488,11 @@ impl MemoryCommand {
             }
             CommandKind::RegisterTool => {
                 MemoryCommand::RegisterTool(apache_avro::from_value(&value).map_err(malformed)?)
+            }
+            other => {
+                return Err(DecodeError::WrongTopic {
+                    schema: other.full_name(),
+                });
             }
         };
         command.validate()?;

@@ -22,6 +22,19 @@ pub enum CommandKind {
     ShareMemory,
     RevokeShare,
     RegisterTool,
+    RegisterAgent,
+    AgentHeartbeat,
+    DeregisterAgent,
+    DelegateTask,
+    StartTask,
+    CompleteTask,
+    FailTask,
+    CancelTask,
+    DefineWorkflowTemplate,
+    StartWorkflow,
+    Tick,
+    /// Not a command: the orchestrator's decisions on `memos.task.events`.
+    TaskEvent,
 }
 
 impl CommandKind {
@@ -34,6 +47,18 @@ impl CommandKind {
             CommandKind::ShareMemory => "memos.memory.ShareMemory",
             CommandKind::RevokeShare => "memos.memory.RevokeShare",
             CommandKind::RegisterTool => "memos.memory.RegisterTool",
+            CommandKind::RegisterAgent => "memos.task.RegisterAgent",
+            CommandKind::AgentHeartbeat => "memos.task.AgentHeartbeat",
+            CommandKind::DeregisterAgent => "memos.task.DeregisterAgent",
+            CommandKind::DelegateTask => "memos.task.DelegateTask",
+            CommandKind::StartTask => "memos.task.StartTask",
+            CommandKind::CompleteTask => "memos.task.CompleteTask",
+            CommandKind::FailTask => "memos.task.FailTask",
+            CommandKind::CancelTask => "memos.task.CancelTask",
+            CommandKind::DefineWorkflowTemplate => "memos.task.DefineWorkflowTemplate",
+            CommandKind::StartWorkflow => "memos.task.StartWorkflow",
+            CommandKind::Tick => "memos.task.Tick",
+            CommandKind::TaskEvent => "memos.task.TaskEvent",
         }
     }
 }
@@ -83,6 +108,62 @@ pub const RELEASED: &[Released] = &[
         1,
         include_str!("../avro/memory/RegisterTool.v1.avsc"),
     ),
+    released(
+        CommandKind::RegisterAgent,
+        1,
+        include_str!("../avro/task/RegisterAgent.v1.avsc"),
+    ),
+    released(
+        CommandKind::AgentHeartbeat,
+        1,
+        include_str!("../avro/task/AgentHeartbeat.v1.avsc"),
+    ),
+    released(
+        CommandKind::DeregisterAgent,
+        1,
+        include_str!("../avro/task/DeregisterAgent.v1.avsc"),
+    ),
+    released(
+        CommandKind::DelegateTask,
+        1,
+        include_str!("../avro/task/DelegateTask.v1.avsc"),
+    ),
+    released(
+        CommandKind::StartTask,
+        1,
+        include_str!("../avro/task/StartTask.v1.avsc"),
+    ),
+    released(
+        CommandKind::CompleteTask,
+        1,
+        include_str!("../avro/task/CompleteTask.v1.avsc"),
+    ),
+    released(
+        CommandKind::FailTask,
+        1,
+        include_str!("../avro/task/FailTask.v1.avsc"),
+    ),
+    released(
+        CommandKind::CancelTask,
+        1,
+        include_str!("../avro/task/CancelTask.v1.avsc"),
+    ),
+    released(
+        CommandKind::DefineWorkflowTemplate,
+        1,
+        include_str!("../avro/task/DefineWorkflowTemplate.v1.avsc"),
+    ),
+    released(
+        CommandKind::StartWorkflow,
+        1,
+        include_str!("../avro/task/StartWorkflow.v1.avsc"),
+    ),
+    released(CommandKind::Tick, 1, include_str!("../avro/task/Tick.v1.avsc")),
+    released(
+        CommandKind::TaskEvent,
+        1,
+        include_str!("../avro/task/TaskEvent.v1.avsc"),
+    ),
 ];
 
 const fn released(kind: CommandKind, version: u32, json: &'static str) -> Released {
@@ -114,6 +195,8 @@ pub enum DecodeError {
     Malformed { schema: &'static str, message: String },
     #[error("{0}")]
     Invalid(#[from] crate::memory::ValidationError),
+    #[error("{schema} does not belong on this topic")]
+    WrongTopic { schema: &'static str },
 }
 
 impl DecodeError {
@@ -127,6 +210,7 @@ impl DecodeError {
             DecodeError::UnknownSchema(_) => "unknown_schema",
             DecodeError::Malformed { .. } => "malformed",
             DecodeError::Invalid(_) => "invalid",
+            DecodeError::WrongTopic { .. } => "unknown_schema",
         }
     }
 }

@@ -59,6 +59,23 @@ pub fn memory_topics(topics: &TopicsConfig) -> Vec<TopicSpec> {
     ]
 }
 
+/// Every topic of the task pipeline: commands and events are both records kept forever, with
+/// the same partition count (an event goes to the partition of the command that caused it).
+pub fn task_topics(topics: &TopicsConfig) -> Vec<TopicSpec> {
+    vec![
+        TopicSpec::commands(&topics.task_commands, topics),
+        TopicSpec::commands(&topics.task_events, topics),
+        TopicSpec::dead_letter(&topics.dead_letter, topics),
+    ]
+}
+
+/// Every topic memOS uses.
+pub fn all_topics(topics: &TopicsConfig) -> Vec<TopicSpec> {
+    let mut specs = memory_topics(topics);
+    specs.extend(task_topics(topics).into_iter().filter(|t| t.name != topics.dead_letter));
+    specs
+}
+
 /// Creates the topics that do not exist yet; existing topics are left as they are.
 pub async fn ensure_topics(kafka: &KafkaConfig, specs: &[TopicSpec]) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = base_config(kafka, "admin").create()?;

@@ -13,7 +13,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use memos_api::{Api, AppState};
 use memos_kafka::CommandProducer;
-use memos_kafka::admin::{ensure_topics, memory_topics};
+use memos_kafka::admin::{all_topics, ensure_topics};
 use memos_projector::Projector;
 use memos_redis::HotViews;
 use memos_runtime::{Config, shutdown, telemetry};
@@ -58,7 +58,7 @@ async fn main() -> anyhow::Result<()> {
     memos_runtime::metrics::install(&role_name);
     match cli.command {
         Command::Run { role } => run(config, role).await,
-        Command::CreateTopics => ensure_topics(&config.kafka, &memory_topics(&config.topics)).await,
+        Command::CreateTopics => ensure_topics(&config.kafka, &all_topics(&config.topics)).await,
         Command::Migrate => {
             let pool = memos_postgres::connect(&config.postgres)
                 .await
@@ -73,7 +73,7 @@ async fn run(config: Arc<Config>, role: Role) -> anyhow::Result<()> {
     shutdown::cancel_on_signal(shutdown.clone());
 
     if config.topics.create {
-        ensure_topics(&config.kafka, &memory_topics(&config.topics))
+        ensure_topics(&config.kafka, &all_topics(&config.topics))
             .await
             .context("cannot create topics (is Kafka up at kafka.brokers?)")?;
     }

@@ -47,8 +47,36 @@ pub struct Config {
     pub redis: RedisConfig,
     pub http: HttpConfig,
     pub projector: ProjectorConfig,
+    pub orchestrator: OrchestratorConfig,
     pub memory: MemoryConfig,
     pub telemetry: TelemetryConfig,
+}
+
+/// The orchestrator: an exactly-once processor of task commands (see `memos-orchestrator`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrchestratorConfig {
+    /// Consumer group of the orchestrator instances; they share the task partitions.
+    pub group_id: String,
+    /// Stable name of this instance; its transactional id is derived from it, so a restarted
+    /// instance fences its previous incarnation. Two live instances must not share it.
+    pub instance_id: String,
+    /// How often the owner of a partition appends a `Tick` (the clock of timeouts and liveness).
+    #[serde(with = "humantime_serde")]
+    pub tick_interval: Duration,
+    /// An agent without a heartbeat for this long is lost and its tasks are re-delegated.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_window: Duration,
+    /// Most commands decided in one Kafka transaction.
+    pub max_batch_records: usize,
+    #[serde(with = "humantime_serde")]
+    pub poll_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// Kafka `transaction.timeout.ms`: how long a crashed instance's open transaction can hold
+    /// back readers before the broker aborts it.
+    #[serde(with = "humantime_serde")]
+    pub transaction_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -102,6 +130,11 @@ pub struct KafkaConfig {
 #[serde(deny_unknown_fields)]
 pub struct TopicsConfig {
     pub memory_commands: String,
+    /// Task commands: the orchestrator's input.
+    pub task_commands: String,
+    /// Task events: the orchestrator's decisions, written transactionally; same partition
+    /// count as `task_commands` (an event goes to the partition of its command).
+    pub task_events: String,
     pub dead_letter: String,
     /// Partitions of topics memOS creates; a namespace always maps to one partition.
     pub partitions: i32,
@@ -177,6 +210,8 @@ impl Default for Config {
             },
             topics: TopicsConfig {
                 memory_commands: "memos.memory.commands".into(),
+                task_commands: "memos.task.commands".into(),
+                task_events: "memos.task.events".into(),
                 dead_letter: "memos.dlq".into(),
                 partitions: 6,
                 replication_factor: 1,
@@ -206,6 +241,16 @@ impl Default for Config {
                 session_timeout: Duration::from_secs(10),
                 apply_parallelism: 2,
                 max_retry_backoff: Duration::from_secs(10),
+            },
+            orchestrator: OrchestratorConfig {
+                group_id: "memos-orchestrator".into(),
+                instance_id: "memos-orchestrator-0".into(),
+                tick_interval: Duration::from_secs(1),
+                heartbeat_window: Duration::from_secs(30),
+                max_batch_records: 1000,
+                poll_timeout: Duration::from_millis(100),
+                session_timeout: Duration::from_secs(10),
+                transaction_timeout: Duration::from_secs(10),
             },
             memory: MemoryConfig {
                 embedding_dimensions: 384,

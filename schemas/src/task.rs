@@ -1,0 +1,639 @@
+//! Task commands and the orchestrator's events: the Rust side of `schemas/avro/task/*.avsc`,
+//! their limits and their codec. Commands travel on `memos.task.commands` keyed by
+//! [`TaskCommand::routing_key`], so that everything about one workflow (or one lone task, or
+//! one agent) is ordered in one partition; [`TaskEvent`]s are the orchestrator's decisions on
+//! `memos.task.events`. Limits are enforced by the API before appending and by the
+//! orchestrator, which rejects (never drops) a command from any other producer that breaks
+//! them.
+
+use serde::{Deserialize, Serialize};
+
+use crate::memory::{ValidationError, check_name, check_tags, check_uuid};
+use crate::registry::{CommandKind, DecodeError, registry};
+
+/// Largest task payload, task result or workflow input, in bytes of serialized JSON.
+pub const MAX_JSON_BYTES: usize = 64 * 1024;
+/// Most steps of a workflow template.
+pub const MAX_STEPS: usize = 64;
+/// Most tasks an agent may hold at once.
+pub const MAX_CONCURRENT: i32 = 1000;
+/// Most attempts of a task.
+pub const MAX_ATTEMPTS: i32 = 100;
+/// Longest attempt timeout: one week.
+pub const MAX_TIMEOUT_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// `memos.task.RegisterAgent`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegisterAgent {
+    pub command_id: String,
+    pub actor: String,
+    pub issued_at: i64,
+    pub traceparent: Option<String>,
+    pub agent_id: String,
+    pub capabilities: Vec<String>,
+    pub max_concurrent: i32,
+    pub metadata_json: String,
+}
+
+/// `memos.task.AgentHeartbeat`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentHeartbeat {
+    pub command_id: String,
+    pub actor: String,
+    pub issued_at: i64,
+    pub traceparent: Option<String>,
+    pub agent_id: String,
+}
+
+/// `memos.task.DeregisterAgent`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeregisterAgent {
+    pub command_id: String,
+    pub actor: String,
+    pub issued_at: i64,
+    pub traceparent: Option<String>,
+    pub agent_id: String,
+}
+
+/// `memos.task.DelegateTask`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DelegateTask {
+    pub command_id: String,
+    pub actor: String,
+    pub issued_at: i64,
+    pub traceparent: Option<String>,
+    pub task_id: String,
+    pub required_capabilities: Vec<String>,
+    pub payload_json: String,
+    pub priority: i32,
+    pub timeout_ms: i64,
+    pub max_attempts: i32,
+    pub preferred_agent: Option<String>,
+    pub workflow_id: Option<String>,
+}
+
+/// `memos.task.StartTask`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StartTask {
+    pub command_id: String,
+    pub actor: String,
+    pub issued_at: i64,
+    pub traceparent: Option<String>,
+    pub task_id: String,
+    pub agent_id: String,
+    pub workflow_id: Option<String>,
+}
+
+/// `memos.task.CompleteTask`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompleteTask {
+    pub command_id: String,
+    pub actor: String,
+    pub issued_at: i64,
+    pub traceparent: Option<String>,
+    pub task_id: String,
+    pub agent_id: String,
+    pub workflow_id: Option<String>,
+    pub result_json: String,
+}
+
+/// `memos.task.FailTask`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailTask {
+    pub command_id: String,
+    pub actor: String,
+    pub issued_at: i64,
+    pub traceparent: Option<String>,
+    pub task_id: String,
+    pub agent_id: String,
+    pub workflow_id: Option<String>,
+    pub error: String,
+    pub retriable: bool,
+}
+
+/// `memos.task.CancelTask`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CancelTask {
+    pub command_id: String,
+    pub actor: String,
+    pub issued_at: i64,
+    pub traceparent: Option<String>,
+    pub task_id: String,
+    pub workflow_id: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// One step of a workflow template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkflowStep {
+    pub step_id: String,
+    pub capability: String,
+    pub depends_on: Vec<String>,
+    pub timeout_ms: i64,
+    pub max_attempts: i32,
+}
+
+/// `memos.task.DefineWorkflowTemplate`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DefineWorkflowTemplate {
+    pub command_id: String,
+    pub actor: String,
+    pub issued_at: i64,
+    pub traceparent: Option<String>,
+    pub name: String,
+    pub version: i32,
+    pub steps: Vec<WorkflowStep>,
+}
+
+/// `memos.task.StartWorkflow`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StartWorkflow {
+    pub command_id: String,
+    pub actor: String,
+    pub issued_at: i64,
+    pub traceparent: Option<String>,
+    pub workflow_id: String,
+    pub template: String,
+    pub template_version: Option<i32>,
+    pub input_json: String,
+    pub priority: i32,
+}
+
+/// `memos.task.Tick`: the orchestrator's clock, see the schema's doc.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tick {
+    pub command_id: String,
+    pub actor: String,
+    pub issued_at: i64,
+    pub traceparent: Option<String>,
+    pub partition: i32,
+}
+
+/// Any command of the task topic.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskCommand {
+    RegisterAgent(RegisterAgent),
+    Heartbeat(AgentHeartbeat),
+    DeregisterAgent(DeregisterAgent),
+    Delegate(DelegateTask),
+    Start(StartTask),
+    Complete(CompleteTask),
+    Fail(FailTask),
+    Cancel(CancelTask),
+    DefineTemplate(DefineWorkflowTemplate),
+    StartWorkflow(StartWorkflow),
+    Tick(Tick),
+}
+
+macro_rules! each {
+    ($self:expr, $c:ident => $body:expr) => {
+        match $self {
+            TaskCommand::RegisterAgent($c) => $body,
+            TaskCommand::Heartbeat($c) => $body,
+            TaskCommand::DeregisterAgent($c) => $body,
+            TaskCommand::Delegate($c) => $body,
+            TaskCommand::Start($c) => $body,
+            TaskCommand::Complete($c) => $body,
+            TaskCommand::Fail($c) => $body,
+            TaskCommand::Cancel($c) => $body,
+            TaskCommand::DefineTemplate($c) => $body,
+            TaskCommand::StartWorkflow($c) => $body,
+            TaskCommand::Tick($c) => $body,
+        }
+    };
+}
+
+/// The partition key of a task-scoped command: the workflow when there is one.
+fn task_key<'a>(workflow_id: &'a Option<String>, task_id: &'a str) -> &'a str {
+    workflow_id.as_deref().unwrap_or(task_id)
+}
+
+fn check_json(field: &'static str, json: &str) -> Result<(), ValidationError> {
+    if json.len() > MAX_JSON_BYTES {
+        return Err(ValidationError::new(
+            field,
+            format!("too large: {} bytes, at most {MAX_JSON_BYTES}", json.len()),
+        ));
+    }
+    serde_json::from_str::<serde_json::Value>(json)
+        .map(|_| ())
+        .map_err(|_| ValidationError::new(field, "must be JSON"))
+}
+
+fn check_range<T: PartialOrd + std::fmt::Display>(
+    field: &'static str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<(), ValidationError> {
+    if value < min || value > max {
+        return Err(ValidationError::new(
+            field,
+            format!("must be between {min} and {max}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_optional_name(field: &'static str, value: &Option<String>) -> Result<(), ValidationError> {
+    value.as_deref().map_or(Ok(()), |v| check_name(field, v))
+}
+
+impl TaskCommand {
+    pub fn kind(&self) -> CommandKind {
+        match self {
+            TaskCommand::RegisterAgent(_) => CommandKind::RegisterAgent,
+            TaskCommand::Heartbeat(_) => CommandKind::AgentHeartbeat,
+            TaskCommand::DeregisterAgent(_) => CommandKind::DeregisterAgent,
+            TaskCommand::Delegate(_) => CommandKind::DelegateTask,
+            TaskCommand::Start(_) => CommandKind::StartTask,
+            TaskCommand::Complete(_) => CommandKind::CompleteTask,
+            TaskCommand::Fail(_) => CommandKind::FailTask,
+            TaskCommand::Cancel(_) => CommandKind::CancelTask,
+            TaskCommand::DefineTemplate(_) => CommandKind::DefineWorkflowTemplate,
+            TaskCommand::StartWorkflow(_) => CommandKind::StartWorkflow,
+            TaskCommand::Tick(_) => CommandKind::Tick,
+        }
+    }
+
+    /// The Avro record name without its namespace (`DelegateTask`).
+    pub fn type_name(&self) -> &'static str {
+        let full = self.kind().full_name();
+        &full[full.rfind('.').map_or(0, |i| i + 1)..]
+    }
+
+    pub fn command_id(&self) -> &str {
+        each!(self, c => &c.command_id)
+    }
+
+    pub fn actor(&self) -> &str {
+        each!(self, c => &c.actor)
+    }
+
+    pub fn traceparent(&self) -> Option<&str> {
+        each!(self, c => c.traceparent.as_deref())
+    }
+
+    /// The Kafka key: the agent for agent commands, `template:<name>` for templates, the
+    /// workflow for workflow commands and workflow tasks, the task for a lone task. A tick
+    /// has none (it is written to an explicit partition).
+    pub fn routing_key(&self) -> Option<String> {
+        Some(match self {
+            TaskCommand::RegisterAgent(c) => c.agent_id.clone(),
+            TaskCommand::Heartbeat(c) => c.agent_id.clone(),
+            TaskCommand::DeregisterAgent(c) => c.agent_id.clone(),
+            TaskCommand::Delegate(c) => task_key(&c.workflow_id, &c.task_id).to_owned(),
+            TaskCommand::Start(c) => task_key(&c.workflow_id, &c.task_id).to_owned(),
+            TaskCommand::Complete(c) => task_key(&c.workflow_id, &c.task_id).to_owned(),
+            TaskCommand::Fail(c) => task_key(&c.workflow_id, &c.task_id).to_owned(),
+            TaskCommand::Cancel(c) => task_key(&c.workflow_id, &c.task_id).to_owned(),
+            TaskCommand::DefineTemplate(c) => format!("template:{}", c.name),
+            TaskCommand::StartWorkflow(c) => c.workflow_id.clone(),
+            TaskCommand::Tick(_) => return None,
+        })
+    }
+
+    /// Checks every limit of the command; the first broken one is reported.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        check_uuid("command_id", self.command_id())?;
+        check_name("actor", self.actor())?;
+        match self {
+            TaskCommand::RegisterAgent(c) => {
+                check_name("agent_id", &c.agent_id)?;
+                check_tags(&c.capabilities).map_err(|e| ValidationError::new("capabilities", e.message))?;
+                check_range("max_concurrent", c.max_concurrent, 1, MAX_CONCURRENT)?;
+                check_json("metadata", &c.metadata_json)?;
+                match serde_json::from_str::<serde_json::Value>(&c.metadata_json) {
+                    Ok(serde_json::Value::Object(_)) => Ok(()),
+                    _ => Err(ValidationError::new("metadata", "must be a JSON object")),
+                }
+            }
+            TaskCommand::Heartbeat(c) => check_name("agent_id", &c.agent_id),
+            TaskCommand::DeregisterAgent(c) => check_name("agent_id", &c.agent_id),
+            TaskCommand::Delegate(c) => {
+                check_name("task_id", &c.task_id)?;
+                check_tags(&c.required_capabilities)
+                    .map_err(|e| ValidationError::new("required_capabilities", e.message))?;
+                check_json("payload", &c.payload_json)?;
+                check_range("timeout_ms", c.timeout_ms, 1, MAX_TIMEOUT_MS)?;
+                check_range("max_attempts", c.max_attempts, 1, MAX_ATTEMPTS)?;
+                check_optional_name("preferred_agent", &c.preferred_agent)?;
+                check_optional_name("workflow_id", &c.workflow_id)
+            }
+            TaskCommand::Start(c) => {
+                check_name("task_id", &c.task_id)?;
+                check_name("agent_id", &c.agent_id)?;
+                check_optional_name("workflow_id", &c.workflow_id)
+            }
+            TaskCommand::Complete(c) => {
+                check_name("task_id", &c.task_id)?;
+                check_name("agent_id", &c.agent_id)?;
+                check_optional_name("workflow_id", &c.workflow_id)?;
+                check_json("result", &c.result_json)
+            }
+            TaskCommand::Fail(c) => {
+                check_name("task_id", &c.task_id)?;
+                check_name("agent_id", &c.agent_id)?;
+                check_optional_name("workflow_id", &c.workflow_id)?;
+                if c.error.len() > MAX_JSON_BYTES {
+                    return Err(ValidationError::new("error", "too large"));
+                }
+                Ok(())
+            }
+            TaskCommand::Cancel(c) => {
+                check_name("task_id", &c.task_id)?;
+                check_optional_name("workflow_id", &c.workflow_id)
+            }
+            TaskCommand::DefineTemplate(c) => {
+                check_name("name", &c.name)?;
+                check_range("version", c.version, 1, i32::MAX)?;
+                check_range("steps", c.steps.len(), 1, MAX_STEPS)?;
+                for step in &c.steps {
+                    check_name("steps.step_id", &step.step_id)?;
+                    check_name("steps.capability", &step.capability)?;
+                    check_range("steps.timeout_ms", step.timeout_ms, 1, MAX_TIMEOUT_MS)?;
+                    check_range("steps.max_attempts", step.max_attempts, 1, MAX_ATTEMPTS)?;
+                }
+                Ok(())
+            }
+            TaskCommand::StartWorkflow(c) => {
+                check_name("workflow_id", &c.workflow_id)?;
+                check_name("template", &c.template)?;
+                check_json("input", &c.input_json)
+            }
+            TaskCommand::Tick(c) => check_range("partition", c.partition, 0, i32::MAX),
+        }
+    }
+
+    /// Single-object encoding with the current schema of the command's kind.
+    pub fn encode(&self) -> Result<Vec<u8>, apache_avro::Error> {
+        let kind = self.kind();
+        each!(self, c => registry().encode(kind, c))
+    }
+
+    /// Decodes a record written with any released schema version and validates it.
+    pub fn decode(bytes: &[u8]) -> Result<TaskCommand, DecodeError> {
+        let (kind, value) = registry().decode_value(bytes)?;
+        let malformed = |e: apache_avro::Error| DecodeError::Malformed {
+            schema: kind.full_name(),
+            message: e.to_string(),
+        };
+        let command = match kind {
+            CommandKind::RegisterAgent => {
+                TaskCommand::RegisterAgent(apache_avro::from_value(&value).map_err(malformed)?)
+            }
+            CommandKind::AgentHeartbeat => {
+                TaskCommand::Heartbeat(apache_avro::from_value(&value).map_err(malformed)?)
+            }
+            CommandKind::DeregisterAgent => {
+                TaskCommand::DeregisterAgent(apache_avro::from_value(&value).map_err(malformed)?)
+            }
+            CommandKind::DelegateTask => {
+                TaskCommand::Delegate(apache_avro::from_value(&value).map_err(malformed)?)
+            }
+            CommandKind::StartTask => TaskCommand::Start(apache_avro::from_value(&value).map_err(malformed)?),
+            CommandKind::CompleteTask => {
+                TaskCommand::Complete(apache_avro::from_value(&value).map_err(malformed)?)
+            }
+            CommandKind::FailTask => TaskCommand::Fail(apache_avro::from_value(&value).map_err(malformed)?),
+            CommandKind::CancelTask => {
+                TaskCommand::Cancel(apache_avro::from_value(&value).map_err(malformed)?)
+            }
+            CommandKind::DefineWorkflowTemplate => {
+                TaskCommand::DefineTemplate(apache_avro::from_value(&value).map_err(malformed)?)
+            }
+            CommandKind::StartWorkflow => {
+                TaskCommand::StartWorkflow(apache_avro::from_value(&value).map_err(malformed)?)
+            }
+            CommandKind::Tick => TaskCommand::Tick(apache_avro::from_value(&value).map_err(malformed)?),
+            other => {
+                return Err(DecodeError::WrongTopic {
+                    schema: other.full_name(),
+                });
+            }
+        };
+        command.validate()?;
+        Ok(command)
+    }
+}
+
+/// What a [`TaskEvent`] records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TaskEventType {
+    TaskAccepted,
+    TaskAssigned,
+    TaskStarted,
+    TaskCompleted,
+    TaskFailed,
+    TaskTimedOut,
+    TaskRedelegated,
+    TaskDeadLettered,
+    TaskCancelled,
+    TemplateDefined,
+    WorkflowStarted,
+    WorkflowStepReady,
+    WorkflowCompleted,
+    WorkflowFailed,
+    WorkflowCancelled,
+    AgentRegistered,
+    AgentHeartbeat,
+    AgentLost,
+    AgentDeregistered,
+    CommandRejected,
+}
+
+impl TaskEventType {
+    /// The Avro enum symbol, also used as a metric label and in the views.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskEventType::TaskAccepted => "TASK_ACCEPTED",
+            TaskEventType::TaskAssigned => "TASK_ASSIGNED",
+            TaskEventType::TaskStarted => "TASK_STARTED",
+            TaskEventType::TaskCompleted => "TASK_COMPLETED",
+            TaskEventType::TaskFailed => "TASK_FAILED",
+            TaskEventType::TaskTimedOut => "TASK_TIMED_OUT",
+            TaskEventType::TaskRedelegated => "TASK_REDELEGATED",
+            TaskEventType::TaskDeadLettered => "TASK_DEAD_LETTERED",
+            TaskEventType::TaskCancelled => "TASK_CANCELLED",
+            TaskEventType::TemplateDefined => "TEMPLATE_DEFINED",
+            TaskEventType::WorkflowStarted => "WORKFLOW_STARTED",
+            TaskEventType::WorkflowStepReady => "WORKFLOW_STEP_READY",
+            TaskEventType::WorkflowCompleted => "WORKFLOW_COMPLETED",
+            TaskEventType::WorkflowFailed => "WORKFLOW_FAILED",
+            TaskEventType::WorkflowCancelled => "WORKFLOW_CANCELLED",
+            TaskEventType::AgentRegistered => "AGENT_REGISTERED",
+            TaskEventType::AgentHeartbeat => "AGENT_HEARTBEAT",
+            TaskEventType::AgentLost => "AGENT_LOST",
+            TaskEventType::AgentDeregistered => "AGENT_DEREGISTERED",
+            TaskEventType::CommandRejected => "COMMAND_REJECTED",
+        }
+    }
+}
+
+/// `memos.task.TaskEvent`: one decision of the orchestrator. Type-specific details are in
+/// `data_json` (see `services/orchestrator/src/state.rs` for each type's shape).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskEvent {
+    pub event_id: String,
+    #[serde(rename = "type")]
+    pub event_type: TaskEventType,
+    pub at: i64,
+    pub command_id: Option<String>,
+    pub command_type: Option<String>,
+    pub actor: Option<String>,
+    pub task_id: Option<String>,
+    pub workflow_id: Option<String>,
+    pub step_id: Option<String>,
+    pub agent_id: Option<String>,
+    pub attempt: Option<i32>,
+    pub reason: Option<String>,
+    pub data_json: Option<String>,
+    pub traceparent: Option<String>,
+}
+
+impl TaskEvent {
+    /// An event of `event_type` at `at` with every optional field empty.
+    pub fn new(event_id: String, event_type: TaskEventType, at: i64) -> Self {
+        TaskEvent {
+            event_id,
+            event_type,
+            at,
+            command_id: None,
+            command_type: None,
+            actor: None,
+            task_id: None,
+            workflow_id: None,
+            step_id: None,
+            agent_id: None,
+            attempt: None,
+            reason: None,
+            data_json: None,
+            traceparent: None,
+        }
+    }
+
+    pub fn encode(&self) -> Result<Vec<u8>, apache_avro::Error> {
+        registry().encode(CommandKind::TaskEvent, self)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<TaskEvent, DecodeError> {
+        let (kind, value) = registry().decode_value(bytes)?;
+        if kind != CommandKind::TaskEvent {
+            return Err(DecodeError::WrongTopic {
+                schema: kind.full_name(),
+            });
+        }
+        apache_avro::from_value(&value).map_err(|e| DecodeError::Malformed {
+            schema: kind.full_name(),
+            message: e.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> (String, String) {
+        (uuid::Uuid::new_v4().to_string(), "tester".to_owned())
+    }
+
+    #[test]
+    fn every_command_round_trips_and_routes() {
+        let (id, actor) = header();
+        let delegate = TaskCommand::Delegate(DelegateTask {
+            command_id: id.clone(),
+            actor: actor.clone(),
+            issued_at: 1,
+            traceparent: None,
+            task_id: "t1".into(),
+            required_capabilities: vec!["summarize".into()],
+            payload_json: r#"{"text":"hi"}"#.into(),
+            priority: 5,
+            timeout_ms: 30_000,
+            max_attempts: 3,
+            preferred_agent: None,
+            workflow_id: Some("wf1".into()),
+        });
+        let template = TaskCommand::DefineTemplate(DefineWorkflowTemplate {
+            command_id: id.clone(),
+            actor: actor.clone(),
+            issued_at: 1,
+            traceparent: None,
+            name: "etl".into(),
+            version: 1,
+            steps: vec![WorkflowStep {
+                step_id: "a".into(),
+                capability: "x".into(),
+                depends_on: vec![],
+                timeout_ms: 1000,
+                max_attempts: 2,
+            }],
+        });
+        let tick = TaskCommand::Tick(Tick {
+            command_id: id,
+            actor,
+            issued_at: 1,
+            traceparent: None,
+            partition: 2,
+        });
+        for command in [delegate, template, tick] {
+            let bytes = command.encode().unwrap();
+            assert_eq!(TaskCommand::decode(&bytes).unwrap(), command);
+        }
+        let bytes = TaskCommand::decode(
+            &TaskCommand::Tick(Tick {
+                command_id: uuid::Uuid::new_v4().to_string(),
+                actor: "o".into(),
+                issued_at: 0,
+                traceparent: None,
+                partition: 0,
+            })
+            .encode()
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(bytes.routing_key(), None);
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let (id, actor) = header();
+        let mut agent = RegisterAgent {
+            command_id: id,
+            actor,
+            issued_at: 0,
+            traceparent: None,
+            agent_id: "a".into(),
+            capabilities: vec![],
+            max_concurrent: 0,
+            metadata_json: "{}".into(),
+        };
+        let err = TaskCommand::RegisterAgent(agent.clone()).validate().unwrap_err();
+        assert_eq!(err.field, "max_concurrent");
+        agent.max_concurrent = 2;
+        agent.metadata_json = "[]".into();
+        assert_eq!(
+            TaskCommand::RegisterAgent(agent).validate().unwrap_err().field,
+            "metadata"
+        );
+    }
+
+    #[test]
+    fn events_round_trip_and_commands_are_not_events() {
+        let mut event = TaskEvent::new("0:1:0".into(), TaskEventType::TaskAssigned, 42);
+        event.task_id = Some("t".into());
+        event.attempt = Some(2);
+        let bytes = event.encode().unwrap();
+        assert_eq!(TaskEvent::decode(&bytes).unwrap(), event);
+        assert!(matches!(
+            TaskCommand::decode(&bytes),
+            Err(DecodeError::WrongTopic { .. })
+        ));
+        assert!(matches!(
+            crate::MemoryCommand::decode(&bytes),
+            Err(DecodeError::WrongTopic { .. })
+        ));
+    }
+}
