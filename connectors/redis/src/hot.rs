@@ -56,8 +56,8 @@ return 1
 
 #[derive(Clone)]
 pub struct HotViews {
-    conn: ConnectionManager,
-    prefix: String,
+    pub(crate) conn: ConnectionManager,
+    pub(crate) prefix: String,
     ttl: Duration,
     memory_script: Script,
     position_script: Script,
@@ -110,7 +110,7 @@ impl HotViews {
     /// Runs a pipeline of script calls, loading the scripts once when the server does not
     /// know them (first use, restart, SCRIPT FLUSH): a pipeline calls EVALSHA without
     /// falling back to EVAL.
-    async fn run(&self, pipe: &redis::Pipeline, scripts: &[&Script]) -> redis::RedisResult<Vec<i64>> {
+    pub(crate) async fn run(&self, pipe: &redis::Pipeline, scripts: &[&Script]) -> redis::RedisResult<Vec<i64>> {
         let mut conn = self.conn.clone();
         match pipe.query_async(&mut conn).await {
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {

@@ -1,7 +1,9 @@
-//! Redis adapters: the hot copy of the memory views.
+//! Redis adapters: the hot copies of the memory and task views.
 //!
 //! - [`hot`]: memory documents keyed by id, written with a log-position guard.
+//! - [`tasks`]: each agent's task inbox and availability, written with a revision guard.
 
 pub mod hot;
+pub mod tasks;
 
 pub use hot::HotViews;

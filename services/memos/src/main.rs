@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use memos_api::{Api, AppState};
 use memos_kafka::CommandProducer;
 use memos_kafka::admin::{all_topics, ensure_topics};
-use memos_projector::Projector;
+use memos_projector::{Projector, TaskProjector};
 use memos_redis::HotViews;
 use memos_runtime::{Config, shutdown, telemetry};
 use tokio_util::sync::CancellationToken;
@@ -93,19 +93,23 @@ async fn run(config: Arc<Config>, role: Role) -> anyhow::Result<()> {
     .context("cannot connect to Redis")?;
     let producer = CommandProducer::new(&config.kafka).context("cannot create the Kafka producer")?;
 
-    let projector = if role != Role::Api {
-        let projector = Projector::new(&config, pool.clone(), hot.clone(), producer.clone())?;
-        let thread = projector.spawn(shutdown.child_token())?;
-        // If the projector thread ends on its own, stop the whole process.
-        let stop = shutdown.clone();
-        Some(tokio::task::spawn_blocking(move || {
-            let result = thread.join();
-            stop.cancel();
-            result
-        }))
-    } else {
-        None
-    };
+    // The projector role runs both projections: memory commands and task events.
+    let mut projections = Vec::new();
+    if role != Role::Api {
+        let memory = Projector::new(&config, pool.clone(), hot.clone(), producer.clone())?
+            .spawn(shutdown.child_token())?;
+        let tasks = TaskProjector::new(&config, pool.clone(), hot.clone(), producer.clone())?
+            .spawn(shutdown.child_token())?;
+        for thread in [memory, tasks] {
+            // If a projection thread ends on its own, stop the whole process.
+            let stop = shutdown.clone();
+            projections.push(tokio::task::spawn_blocking(move || {
+                let result = thread.join();
+                stop.cancel();
+                result
+            }));
+        }
+    }
 
     if role != Role::Projector {
         let state = AppState {
@@ -129,10 +133,10 @@ async fn run(config: Arc<Config>, role: Role) -> anyhow::Result<()> {
             .await?;
     }
     shutdown.cancel();
-    if let Some(projector) = projector
-        && projector.await?.is_err()
-    {
-        anyhow::bail!("projector thread panicked");
+    for projection in projections {
+        if projection.await?.is_err() {
+            anyhow::bail!("projector thread panicked");
+        }
     }
     tracing::info!("memos stopped");
     Ok(())

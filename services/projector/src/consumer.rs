@@ -123,16 +123,18 @@ impl ConsumerContext for SeekToStored {
     }
 }
 
-/// A consumer in `group_id`, cooperative-sticky, auto-commit off, positions from PostgreSQL.
+/// A consumer in `group_id`, cooperative-sticky, auto-commit off, read_committed, positions
+/// from PostgreSQL.
 pub fn create(
     kafka: &KafkaConfig,
     projector: &ProjectorConfig,
+    group_id: &str,
     context: SeekToStored,
 ) -> KafkaResult<BaseConsumer<SeekToStored>> {
     let mut config = memos_kafka::client::base_config(kafka, "projector");
     let session_ms = projector.session_timeout.as_millis();
     config
-        .set("group.id", &projector.group_id)
+        .set("group.id", group_id)
         .set("session.timeout.ms", session_ms.to_string())
         .set("heartbeat.interval.ms", (session_ms / 3).max(100).to_string())
         .set("enable.auto.commit", "false")

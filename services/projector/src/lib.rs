@@ -1,4 +1,5 @@
-//! The projector: folds the memory command log into the PostgreSQL and Redis views.
+//! The projector: folds the memory command log, and the orchestrator's task events, into the
+//! PostgreSQL and Redis views.
 //!
 //! Guarantee (exactly-once effects): the view rows of a batch and the next offsets of its
 //! partitions are written in one PostgreSQL transaction, and on every assignment the
@@ -12,13 +13,16 @@
 //! - [`batch`]: one unit of work: decode, dead-letter, apply, cache.
 //! - [`lag`]: measures consumer lag from the broker's end offsets and the applied positions.
 //! - [`worker`]: the loop that takes batches adaptively and drives [`batch`].
+//! - [`tasks`]: the task-event projection (agents, tasks, workflows, inboxes), same guarantee.
 
 pub mod batch;
 pub mod consumer;
 pub mod fold;
 pub mod lag;
+pub mod tasks;
 pub mod worker;
 
+pub use tasks::TaskProjector;
 pub use worker::Projector;
 
 /// The name under which this projection stores its offsets.

@@ -17,7 +17,7 @@ use memos_redis::HotViews;
 use memos_runtime::config::KafkaConfig;
 use memos_runtime::metrics::{self as m, observe};
 use memos_runtime::{Config, telemetry};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use sqlx::PgPool;
@@ -46,7 +46,7 @@ pub struct Projector {
 
 /// The batch was abandoned because shutdown was requested while a dependency was failing.
 #[derive(Debug)]
-struct Abandoned;
+pub(crate) struct Abandoned;
 
 impl Projector {
     /// Builds the projector and subscribes it. Call from inside the tokio runtime.
@@ -65,7 +65,12 @@ impl Projector {
             group: config.projector.group_id.clone(),
             positions: positions.clone(),
         };
-        let consumer = consumer::create(&config.kafka, &config.projector, context)?;
+        let consumer = consumer::create(
+            &config.kafka,
+            &config.projector,
+            &config.projector.group_id,
+            context,
+        )?;
         register_series(config);
         consumer.subscribe(&[config.topics.memory_commands.as_str()])?;
         Ok(Projector {
@@ -146,49 +151,17 @@ impl Projector {
         tracing::info!("projector stopped");
     }
 
-    /// Waits up to the poll timeout for a first record, then takes what is already fetched.
     fn take_batch(&self) -> Vec<Record> {
-        let mut records = Vec::new();
-        let mut bytes = 0usize;
-        let mut timeout = self.poll_timeout;
-        while records.len() < self.max_records && bytes < self.max_bytes {
-            match self.consumer.poll(timeout) {
-                None => break,
-                Some(Ok(message)) => {
-                    bytes += message.payload_len();
-                    let header = |name: &str| {
-                        message.headers().and_then(|headers| {
-                            headers
-                                .iter()
-                                .find(|h| h.key == name)
-                                .and_then(|h| h.value)
-                                .and_then(|v| std::str::from_utf8(v).ok())
-                                .map(str::to_owned)
-                        })
-                    };
-                    records.push(Record {
-                        partition: message.partition(),
-                        offset: message.offset(),
-                        timestamp_ms: message.timestamp().to_millis(),
-                        key: message.key().map(<[u8]>::to_vec),
-                        traceparent: header(headers::TRACEPARENT),
-                        tracestate: header(headers::TRACESTATE),
-                        payload: message.payload().map(<[u8]>::to_vec),
-                    });
-                    timeout = Duration::ZERO;
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "consumer error");
-                    break;
-                }
-            }
-        }
-        if !records.is_empty() {
-            let labels = [("group", self.group.clone()), ("topic", self.sinks.topic.clone())];
-            metrics::counter!(m::CONSUMER_RECORDS, &labels).increment(records.len() as u64);
-            metrics::counter!(m::CONSUMER_BYTES, &labels).increment(bytes as u64);
-        }
-        records
+        take_records(
+            &self.consumer,
+            &Limits {
+                poll_timeout: self.poll_timeout,
+                max_records: self.max_records,
+                max_bytes: self.max_bytes,
+            },
+            &self.group,
+            &self.sinks.topic,
+        )
     }
 
     fn process(&self, records: &[Record], shutdown: &CancellationToken) -> Result<Report, Abandoned> {
@@ -314,48 +287,24 @@ impl Projector {
             .set(committed_ms as f64 / 1000.0);
     }
 
-    /// Runs `op` until it succeeds, backing off exponentially; gives up only on shutdown.
     fn retry<T, E, F, Fut>(&self, what: &str, shutdown: &CancellationToken, op: F) -> Result<T, Abandoned>
     where
         E: std::fmt::Display,
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.handle.block_on(op()) {
-                Ok(value) => return Ok(value),
-                Err(e) => {
-                    metrics::counter!(m::PROJECTOR_RETRIES, "projection" => self.sinks.projection.clone(), "step" => what.to_owned())
-                        .increment(1);
-                    tracing::warn!(error = %e, step = what, backoff_ms = backoff.as_millis() as u64, "projector step failed; retrying");
-                    let cancelled = self.handle.block_on(async {
-                        tokio::select! {
-                            _ = shutdown.cancelled() => true,
-                            _ = tokio::time::sleep(backoff) => false,
-                        }
-                    });
-                    if cancelled {
-                        return Err(Abandoned);
-                    }
-                    backoff = (backoff * 2).min(self.max_backoff);
-                }
-            }
-        }
+        retry(
+            &self.handle,
+            self.max_backoff,
+            &self.sinks.projection,
+            what,
+            shutdown,
+            op,
+        )
     }
 
-    /// Reports the committed position to the consumer group (monitoring only).
     fn report_progress(&self, progress: &BTreeMap<i32, i64>, mode: CommitMode) {
-        if progress.is_empty() {
-            return;
-        }
-        let mut tpl = TopicPartitionList::new();
-        for (partition, offset) in progress {
-            let _ = tpl.add_partition_offset(&self.sinks.topic, *partition, Offset::Offset(*offset));
-        }
-        if let Err(e) = self.consumer.commit(&tpl, mode) {
-            tracing::debug!(error = %e, "progress commit failed");
-        }
+        report_progress(&self.consumer, &self.sinks.topic, progress, mode);
     }
 }
 
@@ -383,4 +332,118 @@ fn register_series(config: &Config) {
             .increment(0);
     }
     metrics::gauge!(m::CONSUMER_ASSIGNED, "group" => config.projector.group_id.clone()).set(0.0);
+}
+
+/// How much one batch takes.
+pub(crate) struct Limits {
+    pub poll_timeout: Duration,
+    pub max_records: usize,
+    pub max_bytes: usize,
+}
+
+/// Waits up to the poll timeout for a first record, then takes what is already fetched.
+pub(crate) fn take_records<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    limits: &Limits,
+    group: &str,
+    topic: &str,
+) -> Vec<Record> {
+    let mut records = Vec::new();
+    let mut bytes = 0usize;
+    let mut timeout = limits.poll_timeout;
+    while records.len() < limits.max_records && bytes < limits.max_bytes {
+        match consumer.poll(timeout) {
+            None => break,
+            Some(Ok(message)) => {
+                bytes += message.payload_len();
+                let header = |name: &str| {
+                    message.headers().and_then(|headers| {
+                        headers
+                            .iter()
+                            .find(|h| h.key == name)
+                            .and_then(|h| h.value)
+                            .and_then(|v| std::str::from_utf8(v).ok())
+                            .map(str::to_owned)
+                    })
+                };
+                records.push(Record {
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    timestamp_ms: message.timestamp().to_millis(),
+                    key: message.key().map(<[u8]>::to_vec),
+                    traceparent: header(headers::TRACEPARENT),
+                    tracestate: header(headers::TRACESTATE),
+                    payload: message.payload().map(<[u8]>::to_vec),
+                });
+                timeout = Duration::ZERO;
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "consumer error");
+                break;
+            }
+        }
+    }
+    if !records.is_empty() {
+        let labels = [("group", group.to_owned()), ("topic", topic.to_owned())];
+        metrics::counter!(m::CONSUMER_RECORDS, &labels).increment(records.len() as u64);
+        metrics::counter!(m::CONSUMER_BYTES, &labels).increment(bytes as u64);
+    }
+    records
+}
+
+/// Runs `op` until it succeeds, backing off exponentially up to `max_backoff`; gives up only
+/// on shutdown.
+pub(crate) fn retry<T, E, F, Fut>(
+    handle: &Handle,
+    max_backoff: Duration,
+    projection: &str,
+    what: &str,
+    shutdown: &CancellationToken,
+    op: F,
+) -> Result<T, Abandoned>
+where
+    E: std::fmt::Display,
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match handle.block_on(op()) {
+            Ok(value) => return Ok(value),
+            Err(e) => {
+                metrics::counter!(m::PROJECTOR_RETRIES, "projection" => projection.to_owned(), "step" => what.to_owned())
+                    .increment(1);
+                tracing::warn!(error = %e, step = what, backoff_ms = backoff.as_millis() as u64, "projector step failed; retrying");
+                let cancelled = handle.block_on(async {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => true,
+                        _ = tokio::time::sleep(backoff) => false,
+                    }
+                });
+                if cancelled {
+                    return Err(Abandoned);
+                }
+                backoff = (backoff * 2).min(max_backoff);
+            }
+        }
+    }
+}
+
+/// Reports the committed position to the consumer group (monitoring only).
+pub(crate) fn report_progress<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    progress: &BTreeMap<i32, i64>,
+    mode: CommitMode,
+) {
+    if progress.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (partition, offset) in progress {
+        let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+    }
+    if let Err(e) = consumer.commit(&tpl, mode) {
+        tracing::debug!(error = %e, "progress commit failed");
+    }
 }

@@ -48,6 +48,7 @@ pub const PROJECTOR_COMMANDS: &str = "memos_projector_commands_total";
 pub const PROJECTOR_REJECTED: &str = "memos_projector_rejected_total";
 pub const PROJECTOR_RETRIES: &str = "memos_projector_retries_total";
 pub const PROJECTOR_LAST_APPLIED: &str = "memos_projector_last_applied_timestamp_seconds";
+pub const PROJECTOR_TASK_EVENTS: &str = "memos_projector_task_events_total";
 pub const DLQ_RECORDS: &str = "memos_dlq_records_total";
 pub const POSTGRES_SECONDS: &str = "memos_postgres_operation_seconds";
 pub const POSTGRES_ERRORS: &str = "memos_postgres_errors_total";
@@ -138,6 +139,12 @@ pub const CATALOGUE: &[MetricDef] = &[
         kind: Gauge,
         labels: &["projection"],
         help: "Unix time of the last committed batch.",
+    },
+    MetricDef {
+        name: PROJECTOR_TASK_EVENTS,
+        kind: Counter,
+        labels: &["type"],
+        help: "Task events recorded in the task views, by event type (TASK_ASSIGNED, COMMAND_REJECTED, ...).",
     },
     MetricDef {
         name: DLQ_RECORDS,

@@ -1,0 +1,180 @@
+//! One unit of task-projection work, as plain functions a test can drive step by step:
+//! [`prepare`] decodes (pure), [`dead_letter`] copies what cannot be decoded to the
+//! dead-letter topic, [`apply`] folds the batch and writes the views and the next offsets in
+//! one transaction, [`cache`] copies the touched agents' inbox and availability from
+//! PostgreSQL to Redis after the commit. Replay-safe: records below the stored offsets are
+//! skipped, and event rows are keyed by their log position.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, TimeZone, Utc};
+use memos_kafka::dlq::{self, DeadLetter};
+use memos_kafka::{CommandProducer, ProduceError};
+use memos_postgres::{offsets, tasks};
+use memos_redis::HotViews;
+use memos_redis::tasks::AgentWrite;
+use memos_schemas::task::TaskEvent;
+use sqlx::PgPool;
+
+use crate::batch::{Record, Rejected};
+use crate::tasks::fold::{self, DecidedEvent, TaskOutcome};
+
+/// Where a batch of task events goes.
+pub struct TaskSinks {
+    pub pool: PgPool,
+    pub hot: HotViews,
+    pub producer: CommandProducer,
+    /// The task events topic.
+    pub topic: String,
+    pub dead_letter_topic: String,
+    pub projection: String,
+}
+
+/// A decoded batch, ready to apply.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    pub events: Vec<DecidedEvent>,
+    pub dead: Vec<Rejected>,
+    /// Next offset per partition once the whole batch is done.
+    pub next_offsets: BTreeMap<i32, i64>,
+}
+
+fn record_time(record: &Record, fallback_ms: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(record.timestamp_ms.unwrap_or(fallback_ms))
+        .single()
+        .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
+}
+
+/// Decodes every record; pure and deterministic.
+pub fn prepare(records: &[Record]) -> Prepared {
+    let mut prepared = Prepared::default();
+    for (index, record) in records.iter().enumerate() {
+        let next = prepared
+            .next_offsets
+            .entry(record.partition)
+            .or_insert(record.offset + 1);
+        *next = (*next).max(record.offset + 1);
+        let Some(payload) = record.payload.as_deref() else {
+            prepared.dead.push(Rejected {
+                index,
+                class: "empty",
+                message: "record has no value".into(),
+            });
+            continue;
+        };
+        match TaskEvent::decode(payload) {
+            Ok(event) => prepared.events.push(DecidedEvent {
+                record_time: record_time(record, event.at),
+                traceparent: record.traceparent.clone().or_else(|| event.traceparent.clone()),
+                partition: record.partition,
+                offset: record.offset,
+                event,
+            }),
+            Err(e) => prepared.dead.push(Rejected {
+                index,
+                class: e.class(),
+                message: e.to_string(),
+            }),
+        }
+    }
+    prepared
+}
+
+/// Copies the records that cannot be decoded to the dead-letter topic, each acknowledged.
+pub async fn dead_letter(
+    sinks: &TaskSinks,
+    records: &[Record],
+    prepared: &Prepared,
+) -> Result<(), ProduceError> {
+    for dead in &prepared.dead {
+        let record = &records[dead.index];
+        dlq::send(
+            &sinks.producer,
+            &sinks.dead_letter_topic,
+            &DeadLetter {
+                topic: &sinks.topic,
+                partition: record.partition,
+                offset: record.offset,
+                key: record.key.as_deref(),
+                payload: record.payload.as_deref(),
+                error_class: dead.class,
+                error_message: &dead.message,
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Folds and writes the batch and moves the offsets, in one transaction. Returns the outcome
+/// and how many records had already been applied (a redelivery after a rebalance).
+pub async fn apply(sinks: &TaskSinks, prepared: &Prepared) -> Result<(TaskOutcome, usize), sqlx::Error> {
+    let mut tx = sinks.pool.begin().await?;
+    let partitions: Vec<i32> = prepared.next_offsets.keys().copied().collect();
+    let stored = offsets::lock_and_load(&mut tx, &sinks.projection, &sinks.topic, &partitions).await?;
+    let (fresh, stale): (Vec<&DecidedEvent>, Vec<&DecidedEvent>) = prepared
+        .events
+        .iter()
+        .partition(|d| d.offset >= stored.get(&d.partition).copied().unwrap_or(0));
+    let fresh: Vec<DecidedEvent> = fresh.into_iter().cloned().collect();
+    let (agent_ids, task_ids, workflow_ids) = fold::touched(&fresh);
+    let state = tasks::load_state(&mut tx, &agent_ids, &task_ids, &workflow_ids).await?;
+    let outcome = fold::fold(state, &fresh, &sinks.topic);
+    tasks::write(&mut tx, &outcome.changes).await?;
+    offsets::advance(&mut tx, &sinks.projection, &sinks.topic, &prepared.next_offsets).await?;
+    tx.commit().await?;
+    Ok((outcome, stale.len()))
+}
+
+/// Why copying to Redis failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("reading the agents' views: {0}")]
+    Postgres(#[from] sqlx::Error),
+    #[error("writing Redis: {0}")]
+    Redis(#[from] memos_redis::hot::Error),
+}
+
+/// Rewrites the inbox and availability of `agents` in Redis from a PostgreSQL snapshot, then
+/// records the revisions Redis now holds. Returns how many agents were written.
+pub async fn cache(sinks: &TaskSinks, agents: &[String]) -> Result<usize, CacheError> {
+    if agents.is_empty() {
+        return Ok(0);
+    }
+    let snapshots = tasks::agent_snapshots(&sinks.pool, agents).await?;
+    let docs: Vec<(String, Option<String>)> = snapshots
+        .iter()
+        .map(|s| {
+            (
+                serde_json::to_string(&s.inbox).expect("inbox serializes"),
+                s.availability
+                    .as_ref()
+                    .map(|a| serde_json::to_string(a).expect("availability serializes")),
+            )
+        })
+        .collect();
+    let writes: Vec<AgentWrite<'_>> = snapshots
+        .iter()
+        .zip(&docs)
+        .map(|(s, (inbox, availability))| AgentWrite {
+            agent_id: &s.agent_id,
+            revision: s.revision,
+            inbox: inbox.clone(),
+            availability: availability.clone(),
+        })
+        .collect();
+    sinks.hot.put_agents(&writes).await?;
+    let synced: Vec<(String, i64)> = snapshots
+        .iter()
+        .map(|s| (s.agent_id.clone(), s.revision))
+        .collect();
+    tasks::mark_synced(&sinks.pool, &synced).await?;
+    Ok(writes.len())
+}
+
+/// Rewrites every agent whose newest revision may not have reached Redis (after a crash
+/// between a commit and its Redis write).
+pub async fn resync(sinks: &TaskSinks) -> Result<usize, CacheError> {
+    let agents = tasks::unsynced_agents(&sinks.pool).await?;
+    cache(sinks, &agents).await
+}
