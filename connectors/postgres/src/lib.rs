@@ -6,7 +6,11 @@
 //! - [`memories`]: the view rows, loading a batch's state and writing its decisions.
 //! - [`queries`]: what the API reads, always within what the asking agent may read.
 //! - [`tasks`]: agents, tasks, workflows, templates and the task-event audit trail.
+//! - [`bulk`]: a rebuild's fresh schema, index handling and `COPY` encoding of view rows.
+//! - [`compare`]: row counts, checksums and differing keys of two schemas' views.
 
+pub mod bulk;
+pub mod compare;
 pub mod memories;
 pub mod offsets;
 pub mod pool;

@@ -78,24 +78,26 @@ pub struct ListFilter {
     pub include_expired: bool,
 }
 
-/// A namespace's memories, newest first, keyset-paginated: a page starts strictly after
-/// `after` in (created_at, memory_id) order, so memories written while a client pages never
-/// make it skip or repeat one.
-pub async fn list(
-    pool: &PgPool,
-    reader: Option<&str>,
-    namespace: &str,
-    filter: &ListFilter,
-    now: DateTime<Utc>,
-    after: Option<Cursor>,
-    limit: i64,
-) -> Result<Vec<Memory>, sqlx::Error> {
-    sqlx::query_as(concat!(
-        "SELECT ",
-        memory_columns!(),
-        " FROM memories m
-         WHERE m.namespace = $2 AND m.forgotten_at IS NULL AND ",
-        readable_by_1!(),
+/// The memories as they were at `$16`, with the columns of `memories` (embeddings excepted:
+/// the history does not keep the vectors), rebuilt from the applied history rows whose
+/// validity interval `[valid_from, valid_to)` contains that instant.
+macro_rules! memories_as_of_16 {
+    () => {
+        "(SELECT (jsonb_populate_record(NULL::memories, h.state)).* FROM memory_history h \
+         WHERE h.status = 'applied' AND h.state->>'namespace' = $2 \
+           AND h.valid_from <= $16 AND (h.valid_to IS NULL OR h.valid_to > $16))"
+    };
+}
+
+/// The body of [`list`] after `FROM`: `$1` reader, `$2` namespace, `$3..$15` filters, page.
+macro_rules! list_where {
+    () => {
+        " m WHERE m.namespace = $2 AND m.forgotten_at IS NULL AND "
+    };
+}
+
+macro_rules! list_filters {
+    () => {
         " AND ($3::text IS NULL OR m.tier = $3)
            AND ($4::text[] IS NULL OR m.tags && $4)
            AND ($5::text[] IS NULL OR m.tags @> $5)
@@ -108,23 +110,87 @@ pub async fn list(
            AND ($13::timestamptz IS NULL OR (m.created_at, m.memory_id) < ($13, $14))
          ORDER BY m.created_at DESC, m.memory_id DESC
          LIMIT $15"
+    };
+}
+
+/// A namespace's memories, newest first, keyset-paginated: a page starts strictly after
+/// `after` in (created_at, memory_id) order, so memories written while a client pages never
+/// make it skip or repeat one. With `as_of`, the memories as they were at that instant (from
+/// the history's validity intervals; `now` should then be `as_of`, so expiry is judged then
+/// too), without their embeddings.
+#[allow(clippy::too_many_arguments)]
+pub async fn list(
+    pool: &PgPool,
+    reader: Option<&str>,
+    namespace: &str,
+    filter: &ListFilter,
+    now: DateTime<Utc>,
+    after: Option<Cursor>,
+    limit: i64,
+    as_of: Option<DateTime<Utc>>,
+) -> Result<Vec<Memory>, sqlx::Error> {
+    let sql = match as_of {
+        None => concat!(
+            "SELECT ",
+            memory_columns!(),
+            " FROM memories",
+            list_where!(),
+            readable_by_1!(),
+            list_filters!()
+        ),
+        Some(_) => concat!(
+            "SELECT ",
+            memory_columns!(),
+            " FROM ",
+            memories_as_of_16!(),
+            list_where!(),
+            readable_by_1!(),
+            list_filters!()
+        ),
+    };
+    let mut query = sqlx::query_as(sql)
+        .bind(reader)
+        .bind(namespace)
+        .bind(&filter.tier)
+        .bind(&filter.tags_any)
+        .bind(&filter.tags_all)
+        .bind(&filter.metadata)
+        .bind(filter.created_after)
+        .bind(filter.created_before)
+        .bind(filter.updated_after)
+        .bind(filter.updated_before)
+        .bind(filter.include_expired)
+        .bind(now)
+        .bind(after.map(|c| c.created_at))
+        .bind(after.map(|c| c.memory_id))
+        .bind(limit);
+    if let Some(at) = as_of {
+        query = query.bind(at);
+    }
+    query.fetch_all(pool).await
+}
+
+/// One memory as it was at `at` (forgotten or not; `None` if it did not exist yet or `reader`
+/// may not read it), from the history's validity intervals, without its embedding.
+pub async fn memory_as_of(
+    pool: &PgPool,
+    reader: Option<&str>,
+    id: Uuid,
+    at: DateTime<Utc>,
+) -> Result<Option<Memory>, sqlx::Error> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        memory_columns!(),
+        " FROM (SELECT (jsonb_populate_record(NULL::memories, h.state)).* FROM memory_history h
+                WHERE h.memory_id = $2 AND h.status = 'applied'
+                  AND h.valid_from <= $3 AND (h.valid_to IS NULL OR h.valid_to > $3)) m
+         WHERE ",
+        readable_by_1!()
     ))
     .bind(reader)
-    .bind(namespace)
-    .bind(&filter.tier)
-    .bind(&filter.tags_any)
-    .bind(&filter.tags_all)
-    .bind(&filter.metadata)
-    .bind(filter.created_after)
-    .bind(filter.created_before)
-    .bind(filter.updated_after)
-    .bind(filter.updated_before)
-    .bind(filter.include_expired)
-    .bind(now)
-    .bind(after.map(|c| c.created_at))
-    .bind(after.map(|c| c.memory_id))
-    .bind(limit)
-    .fetch_all(pool)
+    .bind(id)
+    .bind(at)
+    .fetch_optional(pool)
     .await
 }
 

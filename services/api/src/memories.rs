@@ -4,6 +4,12 @@
 //! (filters, keyset pagination), `GET /v1/agents/{agent}/recent` (hot working memory),
 //! `POST /v1/memories/search` (full-text, vector, hybrid).
 //!
+//! `GET /v1/memories/{id}?as_of=T` and `GET /v1/agents/{agent}/memories?as_of=T` answer as
+//! the view stood at instant `T` (record time), from the history's validity intervals: the
+//! state whose interval `[valid_from, valid_to)` contains `T`. They equal what the live view
+//! answered then, except that embeddings are `null` (the history keeps their dimension
+//! only) and read access is judged by today's shares.
+//!
 //! Reads name the asking agent in `X-Memos-Agent`; when present, only what that agent may read
 //! (its namespace plus shares) is answered, and anything else is a 404. Search always needs
 //! the asking agent. Every read honours `X-Memos-Position` (read-your-writes).
@@ -254,15 +260,34 @@ pub async fn forget(
     commands::append(&state, command, h.tracestate.as_deref(), Some(memory_id)).await
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GetParams {
+    /// Answer as the view stood at this instant (RFC 3339), from the history.
+    pub as_of: Option<DateTime<Utc>>,
+}
+
 pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
+    params: Result<Query<GetParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let memory_id = parse_uuid("memory_id", &id)?;
     let reader = reader(&headers)?;
     consistency::wait_for(&state, &headers).await?;
     let not_found = || ApiError::not_found(format!("no memory {memory_id}"));
+    if let Some(at) = params.as_of {
+        // As of an instant: from the history's validity intervals, never from the hot cache.
+        let read = queries::memory_as_of(&state.pool, reader.as_deref(), memory_id, at);
+        let memory = observe(m::POSTGRES_SECONDS, m::POSTGRES_ERRORS, "get_memory_as_of", read)
+            .await
+            .map_err(|e| ApiError::internal("cannot read the memory's history", e))?
+            .filter(|m| m.forgotten_at.is_none())
+            .ok_or_else(|| ApiError::not_found(format!("no memory {memory_id} at {}", at.to_rfc3339())))?;
+        return Ok(Json(memory).into_response());
+    }
     match observe(
         m::REDIS_SECONDS,
         m::REDIS_ERRORS,
@@ -354,6 +379,8 @@ pub struct ListParams {
     pub updated_before: Option<DateTime<Utc>>,
     #[serde(default)]
     pub include_expired: bool,
+    /// List the memories as they were at this instant (RFC 3339), from the history.
+    pub as_of: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -428,9 +455,11 @@ pub async fn list(
         reader.as_deref(),
         &agent,
         &filter,
-        Utc::now(),
+        // As of an instant, expiry is judged at that instant, as the live view did then.
+        params.as_of.unwrap_or_else(Utc::now),
         after,
         limit,
+        params.as_of,
     );
     let items = observe(m::POSTGRES_SECONDS, m::POSTGRES_ERRORS, "list_memories", list)
         .await

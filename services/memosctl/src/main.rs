@@ -1,9 +1,15 @@
 //! `memosctl`: the operators' and auditors' command line. It reads the same configuration as
 //! `memos` (defaults, `memos.toml`, `MEMOS_KAFKA_BROKERS`/`DATABASE_URL`, `MEMOS__*`).
 
+mod audit;
 mod bench;
 mod dlq;
+mod export;
 mod lag;
+mod logread;
+mod replay;
+mod topics;
+mod verify;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -38,6 +44,22 @@ enum Command {
         #[command(subcommand)]
         command: dlq::DlqCommand,
     },
+    /// Who changed what, when: every command about a memory or of an agent, with its outcome.
+    Audit {
+        #[command(subcommand)]
+        command: audit::AuditCommand,
+    },
+    /// Writes the raw commands of a slice of the log (Avro container file or JSON Lines).
+    Export(export::ExportArgs),
+    /// Rebuilds a projection's views from the log into a fresh PostgreSQL schema.
+    Replay(replay::ReplayArgs),
+    /// Compares a rebuilt schema's views with the live ones (exit 2 when they differ).
+    Verify(verify::VerifyArgs),
+    /// Command topics: check that their retention keeps the history forever.
+    Topics {
+        #[command(subcommand)]
+        command: topics::TopicsCommand,
+    },
 }
 
 #[tokio::main]
@@ -48,5 +70,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Lag { group, json } => lag::run(&config, group.as_deref(), json).await,
         Command::Dlq { command } => dlq::run(&config, command).await,
         Command::Bench { bench } => bench::run(&config, bench).await,
+        Command::Audit { command } => audit::run(&config, command).await,
+        Command::Export(args) => export::run(&config, args).await,
+        Command::Replay(args) => replay::run(&config, args).await,
+        Command::Verify(args) => verify::run(&config, args).await,
+        Command::Topics { command } => topics::run(&config, command).await,
     }
 }
