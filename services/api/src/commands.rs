@@ -1,18 +1,20 @@
-//! Appending commands, and their status. [`append`] is the one way the API writes: it
-//! validates, encodes (Avro single-object), attaches the headers (command id, actor, schema,
-//! W3C trace context of the request span) and waits for the broker's `acks=all`
-//! acknowledgement before the handler answers `202`.
+//! Appending commands, and their status. [`append`] (memory commands) and [`append_task`]
+//! (task commands) are the only ways the API writes: they validate, encode (Avro
+//! single-object), attach the headers (command id, actor, schema, W3C trace context of the
+//! request span) and wait for the broker's `acks=all` acknowledgement before the handler
+//! answers `202`.
 
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use chrono::Utc;
-use memos_kafka::{ProduceError, headers};
+use memos_kafka::{Delivered, ProduceError, headers};
 use memos_postgres::memories::CommandRow;
 use memos_postgres::queries;
 use memos_runtime::metrics::{self as m, observe};
 use memos_runtime::telemetry;
 use memos_schemas::MemoryCommand;
+use memos_schemas::task::TaskCommand;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -62,6 +64,12 @@ pub struct Accepted {
     pub command_id: Uuid,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_id: Option<Uuid>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workflow_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
@@ -80,20 +88,111 @@ pub async fn append(
         .encode()
         .map_err(|e| ApiError::internal("cannot encode the command", e))?;
     let topic = &state.config.topics.memory_commands;
-    let mut record_headers = vec![
-        (headers::COMMAND_ID, command.command_id()),
-        (headers::SCHEMA, command.kind().full_name()),
-        (headers::ACTOR, command.actor()),
-    ];
-    if let Some(traceparent) = command.traceparent() {
+    let delivered = send(
+        state,
+        topic,
+        command.namespace(),
+        &payload,
+        [
+            (headers::COMMAND_ID, command.command_id()),
+            (headers::SCHEMA, command.kind().full_name()),
+            (headers::ACTOR, command.actor()),
+        ],
+        command.traceparent(),
+        tracestate,
+    )
+    .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Accepted {
+            command_id: Uuid::parse_str(command.command_id()).expect("validated"),
+            memory_id,
+            task_id: None,
+            workflow_id: None,
+            agent_id: None,
+            topic: topic.clone(),
+            partition: delivered.partition,
+            offset: delivered.offset,
+            position: format!("{}:{}", delivered.partition, delivered.offset),
+        }),
+    ))
+}
+
+/// The ids a task command is about, echoed in its `202` answer.
+#[derive(Debug, Default)]
+pub struct TaskIds {
+    pub task_id: Option<String>,
+    pub workflow_id: Option<String>,
+    pub agent_id: Option<String>,
+}
+
+/// Validates, encodes and appends a task command to `topics.task_commands`, keyed by its
+/// routing key; answers once the broker acknowledged it. The position names the command's
+/// place in the command log (its effects appear once the orchestrator decided it).
+pub async fn append_task(
+    state: &AppState,
+    command: TaskCommand,
+    tracestate: Option<&str>,
+    ids: TaskIds,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    command.validate()?;
+    let payload = command
+        .encode()
+        .map_err(|e| ApiError::internal("cannot encode the command", e))?;
+    let key = command
+        .routing_key()
+        .ok_or_else(|| ApiError::bad_request("this command cannot be sent over HTTP"))?;
+    let topic = &state.config.topics.task_commands;
+    let delivered = send(
+        state,
+        topic,
+        &key,
+        &payload,
+        [
+            (headers::COMMAND_ID, command.command_id()),
+            (headers::SCHEMA, command.kind().full_name()),
+            (headers::ACTOR, command.actor()),
+        ],
+        command.traceparent(),
+        tracestate,
+    )
+    .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Accepted {
+            command_id: Uuid::parse_str(command.command_id()).expect("validated"),
+            memory_id: None,
+            task_id: ids.task_id,
+            workflow_id: ids.workflow_id,
+            agent_id: ids.agent_id,
+            topic: topic.clone(),
+            partition: delivered.partition,
+            offset: delivered.offset,
+            position: format!("{}:{}", delivered.partition, delivered.offset),
+        }),
+    ))
+}
+
+/// Appends one encoded command with its headers and waits for the acknowledgement.
+async fn send(
+    state: &AppState,
+    topic: &str,
+    key: &str,
+    payload: &[u8],
+    base_headers: [(&str, &str); 3],
+    traceparent: Option<&str>,
+    tracestate: Option<&str>,
+) -> Result<Delivered, ApiError> {
+    let mut record_headers = base_headers.to_vec();
+    if let Some(traceparent) = traceparent {
         record_headers.push((headers::TRACEPARENT, traceparent));
     }
     if let Some(tracestate) = tracestate {
         record_headers.push((headers::TRACESTATE, tracestate));
     }
-    let delivered = state
+    state
         .producer
-        .send(topic, command.namespace(), &payload, &record_headers)
+        .send(topic, key, payload, &record_headers)
         .await
         .map_err(|e| match e {
             ProduceError::TooLarge(_) => ApiError::new(
@@ -107,18 +206,7 @@ pub async fn append(
                     "the log did not acknowledge the command; retry with the same command_id",
                 )
             }
-        })?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(Accepted {
-            command_id: Uuid::parse_str(command.command_id()).expect("validated"),
-            memory_id,
-            topic: topic.clone(),
-            partition: delivered.partition,
-            offset: delivered.offset,
-            position: format!("{}:{}", delivered.partition, delivered.offset),
-        }),
-    ))
+        })
 }
 
 /// `GET /v1/commands/{id}`: pending until the projector decided; then applied or rejected

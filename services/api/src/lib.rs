@@ -11,6 +11,7 @@
 //! - [`memories`]: memory commands and memory queries.
 //! - [`registry`]: shares and the tool registry.
 //! - [`server`]: the router, the listener and graceful shutdown.
+//! - [`tasks`]: agents, tasks, workflow templates and workflows: commands and queries.
 
 pub mod commands;
 pub mod consistency;
@@ -18,5 +19,6 @@ pub mod error;
 pub mod memories;
 pub mod registry;
 pub mod server;
+pub mod tasks;
 
 pub use server::{Api, AppState};

@@ -11,7 +11,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use memos_kafka::CommandProducer;
 use memos_redis::HotViews;
@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::error::ApiError;
-use crate::{commands, memories, registry};
+use crate::{commands, memories, registry, tasks};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -47,6 +47,21 @@ pub fn router(state: AppState) -> Router {
         .route("/shares/revoke", post(registry::revoke))
         .route("/tools", post(registry::register_tool).get(registry::tools))
         .route("/commands/{id}", get(commands::status))
+        .route("/agents", post(tasks::register_agent).get(tasks::agents))
+        .route("/agents/{agent}", delete(tasks::deregister_agent))
+        .route("/agents/{agent}/heartbeat", post(tasks::heartbeat))
+        .route("/agents/{agent}/inbox", get(tasks::inbox))
+        .route("/tasks", post(tasks::delegate))
+        .route("/tasks/{id}", get(tasks::task))
+        .route("/tasks/{id}/start", post(tasks::start))
+        .route("/tasks/{id}/complete", post(tasks::complete))
+        .route("/tasks/{id}/fail", post(tasks::fail))
+        .route("/tasks/{id}/cancel", post(tasks::cancel))
+        .route("/workflow-templates", post(tasks::define_template))
+        .route("/workflow-templates/{name}", get(tasks::template))
+        .route("/workflows", post(tasks::start_workflow))
+        .route("/workflows/{id}", get(tasks::workflow))
+        .route("/orchestrator/stats", get(tasks::stats))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .nest("/v1", v1)
@@ -171,9 +186,13 @@ pub struct Api {
 
 impl Api {
     pub async fn bind(state: AppState) -> std::io::Result<Api> {
-        let topic = state.config.topics.memory_commands.clone();
-        for kind in ["too_large", "unavailable"] {
-            metrics::counter!(m::PRODUCER_ERRORS, "topic" => topic.clone(), "kind" => kind).increment(0);
+        for topic in [
+            &state.config.topics.memory_commands,
+            &state.config.topics.task_commands,
+        ] {
+            for kind in ["too_large", "unavailable"] {
+                metrics::counter!(m::PRODUCER_ERRORS, "topic" => topic.clone(), "kind" => kind).increment(0);
+            }
         }
         for op in [
             "get_memory",
@@ -183,10 +202,18 @@ impl Api {
             "search",
             "tools",
             "command_status",
+            "agents",
+            "agent",
+            "inbox",
+            "task",
+            "task_lookup",
+            "template",
+            "workflow",
+            "orchestrator_stats",
         ] {
             metrics::counter!(m::POSTGRES_ERRORS, "op" => op).increment(0);
         }
-        for op in ["get_memory", "recent"] {
+        for op in ["get_memory", "recent", "inbox"] {
             metrics::counter!(m::REDIS_ERRORS, "op" => op).increment(0);
         }
         let listener = TcpListener::bind(state.config.http.bind).await?;

@@ -1,0 +1,765 @@
+//! Task endpoints. Commands (each validated, appended to `topics.task_commands` keyed by its
+//! routing key, answered `202` once the broker acknowledged): `POST /v1/agents`,
+//! `POST /v1/agents/{agent}/heartbeat`, `DELETE /v1/agents/{agent}`, `POST /v1/tasks`,
+//! `POST /v1/tasks/{id}/start|complete|fail|cancel`, `POST /v1/workflow-templates`,
+//! `POST /v1/workflows`. Queries (from the task views the projector keeps from the
+//! orchestrator's events): `GET /v1/agents`, `GET /v1/agents/{agent}/inbox` (Redis, PostgreSQL
+//! when Redis has no copy or fails), `GET /v1/tasks/{id}` (with its event history),
+//! `GET /v1/workflow-templates/{name}`, `GET /v1/workflows/{id}` (each step's state and
+//! result), `GET /v1/orchestrator/stats`.
+//!
+//! Commands about an existing task are routed to the partition of its workflow, so the API
+//! looks the task up first: a task the views do not know yet answers `404`. The orchestrator
+//! decides every command in log order; one it refuses shows up as a `COMMAND_REJECTED` event
+//! in the task's history. Task ids of workflow steps contain a `/` (`<workflow>/<step>`):
+//! send it percent-encoded (`%2F`) in paths.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use memos_postgres::tasks::{self, AgentView, EventRow, InboxItem, TaskRow, TemplateRow};
+use memos_runtime::metrics::{self as m, observe};
+use memos_schemas::task::{
+    AgentHeartbeat, CancelTask, CompleteTask, DefineWorkflowTemplate, DelegateTask, DeregisterAgent,
+    FailTask, RegisterAgent, StartTask, StartWorkflow, TaskCommand, WorkflowStep,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::commands::{self, Accepted, TaskIds};
+use crate::error::ApiError;
+use crate::server::AppState;
+
+/// Attempt timeout when a delegation names none: five minutes.
+pub const DEFAULT_TIMEOUT_MS: i64 = 5 * 60 * 1000;
+/// Attempts when a delegation names none.
+pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
+
+type Answer = Result<(StatusCode, Json<Accepted>), ApiError>;
+
+/// A JSON body that may be absent (an empty body reads as the default).
+fn optional_body<T: DeserializeOwned + Default>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let bytes = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                "request body is too large",
+            )
+        } else {
+            ApiError::bad_request(e.body_text())
+        }
+    })?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(&bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e.to_string())
+        }
+        _ => ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.to_string()),
+    })
+}
+
+fn json_text(value: Option<Value>, default: Value) -> String {
+    value.unwrap_or(default).to_string()
+}
+
+async fn read<T, E: std::fmt::Display>(
+    op: &'static str,
+    what: &str,
+    future: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, ApiError> {
+    observe(m::POSTGRES_SECONDS, m::POSTGRES_ERRORS, op, future)
+        .await
+        .map_err(|e| ApiError::internal(&format!("cannot read {what}"), e))
+}
+
+// ---- agents ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterAgentRequest {
+    pub agent_id: String,
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    /// Most tasks held at once; 1 when absent.
+    #[serde(default)]
+    pub max_concurrent: Option<i32>,
+    #[serde(default)]
+    pub metadata: Option<Value>,
+    #[serde(default)]
+    pub command_id: Option<Uuid>,
+}
+
+pub async fn register_agent(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<RegisterAgentRequest>, JsonRejection>,
+) -> Answer {
+    let Json(request) = body?;
+    let h = commands::header(&headers, &request.agent_id, request.command_id)?;
+    let agent_id = request.agent_id.clone();
+    let command = TaskCommand::RegisterAgent(RegisterAgent {
+        command_id: h.command_id,
+        actor: h.actor,
+        issued_at: h.issued_at,
+        traceparent: h.traceparent,
+        agent_id: request.agent_id,
+        capabilities: request.capabilities,
+        max_concurrent: request.max_concurrent.unwrap_or(1),
+        metadata_json: json_text(request.metadata, json!({})),
+    });
+    let ids = TaskIds {
+        agent_id: Some(agent_id),
+        ..TaskIds::default()
+    };
+    commands::append_task(&state, command, h.tracestate.as_deref(), ids).await
+}
+
+/// The optional body of commands that need nothing but a command id.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandIdOnly {
+    #[serde(default)]
+    pub command_id: Option<Uuid>,
+}
+
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    Path(agent): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer {
+    let request: CommandIdOnly = optional_body(body)?;
+    let h = commands::header(&headers, &agent, request.command_id)?;
+    let command = TaskCommand::Heartbeat(AgentHeartbeat {
+        command_id: h.command_id,
+        actor: h.actor,
+        issued_at: h.issued_at,
+        traceparent: h.traceparent,
+        agent_id: agent.clone(),
+    });
+    let ids = TaskIds {
+        agent_id: Some(agent),
+        ..TaskIds::default()
+    };
+    commands::append_task(&state, command, h.tracestate.as_deref(), ids).await
+}
+
+pub async fn deregister_agent(
+    State(state): State<AppState>,
+    Path(agent): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer {
+    let request: CommandIdOnly = optional_body(body)?;
+    let h = commands::header(&headers, &agent, request.command_id)?;
+    let command = TaskCommand::DeregisterAgent(DeregisterAgent {
+        command_id: h.command_id,
+        actor: h.actor,
+        issued_at: h.issued_at,
+        traceparent: h.traceparent,
+        agent_id: agent.clone(),
+    });
+    let ids = TaskIds {
+        agent_id: Some(agent),
+        ..TaskIds::default()
+    };
+    commands::append_task(&state, command, h.tracestate.as_deref(), ids).await
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentsParams {
+    /// `alive`, `lost` or `deregistered`.
+    pub status: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Agents {
+    pub items: Vec<AgentView>,
+}
+
+pub async fn agents(
+    State(state): State<AppState>,
+    params: Result<Query<AgentsParams>, QueryRejection>,
+) -> Result<Json<Agents>, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    if let Some(status) = params.status.as_deref()
+        && !["alive", "lost", "deregistered"].contains(&status)
+    {
+        return Err(ApiError::bad_request("status must be alive, lost or deregistered").with_field("status"));
+    }
+    let items = read(
+        "agents",
+        "the agents",
+        tasks::agents(&state.pool, params.status.as_deref()),
+    )
+    .await?;
+    Ok(Json(Agents { items }))
+}
+
+/// `GET /v1/agents/{agent}/inbox`: the tasks the agent holds, highest priority first.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Inbox {
+    pub agent_id: String,
+    /// `redis` or `postgres`: where the answer came from.
+    pub source: String,
+    pub items: Vec<InboxItem>,
+    /// Status, load and limit of the agent (absent when it never registered).
+    pub availability: Option<AgentView>,
+}
+
+pub async fn inbox(
+    State(state): State<AppState>,
+    Path(agent): Path<String>,
+) -> Result<Json<Inbox>, ApiError> {
+    let cached = observe(m::REDIS_SECONDS, m::REDIS_ERRORS, "inbox", async {
+        let inbox = state.hot.inbox(&agent).await?;
+        let availability = state.hot.availability(&agent).await?;
+        Ok::<_, memos_redis::hot::Error>((inbox, availability))
+    })
+    .await;
+    match cached {
+        Ok((Some(items), availability)) => {
+            let items = serde_json::from_str(&items);
+            let availability = availability.map(|a| serde_json::from_str(&a)).transpose();
+            if let (Ok(items), Ok(availability)) = (items, availability) {
+                return Ok(Json(Inbox {
+                    agent_id: agent,
+                    source: "redis".into(),
+                    items,
+                    availability,
+                }));
+            }
+            tracing::warn!(%agent, "unreadable inbox in Redis; reading PostgreSQL");
+        }
+        Ok((None, _)) => {}
+        Err(e) => tracing::warn!(error = %e, "inbox unavailable in Redis; reading PostgreSQL"),
+    }
+    let availability = read("agent", "the agent", tasks::agent(&state.pool, &agent)).await?;
+    let items = read("inbox", "the inbox", tasks::inbox(&state.pool, &agent)).await?;
+    if availability.is_none() && items.is_empty() {
+        return Err(ApiError::not_found(format!("no agent {agent}")));
+    }
+    Ok(Json(Inbox {
+        agent_id: agent,
+        source: "postgres".into(),
+        items,
+        availability,
+    }))
+}
+
+// ---- tasks ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DelegateRequest {
+    /// Generated (UUIDv7) when absent.
+    #[serde(default)]
+    pub task_id: Option<String>,
+    #[serde(default)]
+    pub required_capabilities: Vec<String>,
+    #[serde(default)]
+    pub payload: Option<Value>,
+    #[serde(default)]
+    pub priority: Option<i32>,
+    #[serde(default)]
+    pub timeout_ms: Option<i64>,
+    #[serde(default)]
+    pub max_attempts: Option<i32>,
+    #[serde(default)]
+    pub preferred_agent: Option<String>,
+    #[serde(default)]
+    pub workflow_id: Option<String>,
+    #[serde(default)]
+    pub command_id: Option<Uuid>,
+}
+
+pub async fn delegate(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<DelegateRequest>, JsonRejection>,
+) -> Answer {
+    let Json(request) = body?;
+    let h = commands::header(&headers, "api", request.command_id)?;
+    let task_id = request.task_id.unwrap_or_else(|| Uuid::now_v7().to_string());
+    let command = TaskCommand::Delegate(DelegateTask {
+        command_id: h.command_id,
+        actor: h.actor,
+        issued_at: h.issued_at,
+        traceparent: h.traceparent,
+        task_id: task_id.clone(),
+        required_capabilities: request.required_capabilities,
+        payload_json: json_text(request.payload, Value::Null),
+        priority: request.priority.unwrap_or(0),
+        timeout_ms: request.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS),
+        max_attempts: request.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+        preferred_agent: request.preferred_agent,
+        workflow_id: request.workflow_id.clone(),
+    });
+    let ids = TaskIds {
+        task_id: Some(task_id),
+        workflow_id: request.workflow_id,
+        agent_id: None,
+    };
+    commands::append_task(&state, command, h.tracestate.as_deref(), ids).await
+}
+
+/// `GET /v1/tasks/{id}`: the task and every event about it, in log order.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TaskWithHistory {
+    #[serde(flatten)]
+    pub task: TaskRow,
+    pub events: Vec<EventRow>,
+}
+
+pub async fn task(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<TaskWithHistory>, ApiError> {
+    let task = read("task", "the task", tasks::task(&state.pool, &id))
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no task {id}")))?;
+    let events = read("task", "the task's history", tasks::task_events(&state.pool, &id)).await?;
+    Ok(Json(TaskWithHistory { task, events }))
+}
+
+/// The workflow of a known task (for the command's routing key), or `404`.
+async fn known_task(state: &AppState, task_id: &str) -> Result<TaskRow, ApiError> {
+    read("task_lookup", "the task", tasks::task(&state.pool, task_id))
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no task {task_id}")))
+}
+
+fn task_ids(task: &TaskRow, agent_id: Option<String>) -> TaskIds {
+    TaskIds {
+        task_id: Some(task.task_id.clone()),
+        workflow_id: task.workflow_id.clone(),
+        agent_id,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    pub agent_id: String,
+    #[serde(default)]
+    pub command_id: Option<Uuid>,
+}
+
+pub async fn start(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<StartRequest>, JsonRejection>,
+) -> Answer {
+    let Json(request) = body?;
+    let h = commands::header(&headers, &request.agent_id, request.command_id)?;
+    let task = known_task(&state, &id).await?;
+    let command = TaskCommand::Start(StartTask {
+        command_id: h.command_id,
+        actor: h.actor,
+        issued_at: h.issued_at,
+        traceparent: h.traceparent,
+        task_id: task.task_id.clone(),
+        agent_id: request.agent_id.clone(),
+        workflow_id: task.workflow_id.clone(),
+    });
+    let ids = task_ids(&task, Some(request.agent_id));
+    commands::append_task(&state, command, h.tracestate.as_deref(), ids).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteRequest {
+    pub agent_id: String,
+    #[serde(default)]
+    pub result: Option<Value>,
+    #[serde(default)]
+    pub command_id: Option<Uuid>,
+}
+
+pub async fn complete(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<CompleteRequest>, JsonRejection>,
+) -> Answer {
+    let Json(request) = body?;
+    let h = commands::header(&headers, &request.agent_id, request.command_id)?;
+    let result_json = json_text(request.result, Value::Null);
+    // Size before the lookup, so an oversized result is refused without touching the views.
+    TaskCommand::Complete(CompleteTask {
+        command_id: h.command_id.clone(),
+        actor: h.actor.clone(),
+        issued_at: h.issued_at,
+        traceparent: None,
+        task_id: id.clone(),
+        agent_id: request.agent_id.clone(),
+        workflow_id: None,
+        result_json: result_json.clone(),
+    })
+    .validate()?;
+    let task = known_task(&state, &id).await?;
+    let command = TaskCommand::Complete(CompleteTask {
+        command_id: h.command_id,
+        actor: h.actor,
+        issued_at: h.issued_at,
+        traceparent: h.traceparent,
+        task_id: task.task_id.clone(),
+        agent_id: request.agent_id.clone(),
+        workflow_id: task.workflow_id.clone(),
+        result_json,
+    });
+    let ids = task_ids(&task, Some(request.agent_id));
+    commands::append_task(&state, command, h.tracestate.as_deref(), ids).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailRequest {
+    pub agent_id: String,
+    pub error: String,
+    /// Whether another attempt may succeed; true when absent.
+    #[serde(default)]
+    pub retriable: Option<bool>,
+    #[serde(default)]
+    pub command_id: Option<Uuid>,
+}
+
+pub async fn fail(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<FailRequest>, JsonRejection>,
+) -> Answer {
+    let Json(request) = body?;
+    let h = commands::header(&headers, &request.agent_id, request.command_id)?;
+    let task = known_task(&state, &id).await?;
+    let command = TaskCommand::Fail(FailTask {
+        command_id: h.command_id,
+        actor: h.actor,
+        issued_at: h.issued_at,
+        traceparent: h.traceparent,
+        task_id: task.task_id.clone(),
+        agent_id: request.agent_id.clone(),
+        workflow_id: task.workflow_id.clone(),
+        error: request.error,
+        retriable: request.retriable.unwrap_or(true),
+    });
+    let ids = task_ids(&task, Some(request.agent_id));
+    commands::append_task(&state, command, h.tracestate.as_deref(), ids).await
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelRequest {
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub command_id: Option<Uuid>,
+}
+
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer {
+    let request: CancelRequest = optional_body(body)?;
+    let h = commands::header(&headers, "api", request.command_id)?;
+    let task = known_task(&state, &id).await?;
+    let command = TaskCommand::Cancel(CancelTask {
+        command_id: h.command_id,
+        actor: h.actor,
+        issued_at: h.issued_at,
+        traceparent: h.traceparent,
+        task_id: task.task_id.clone(),
+        workflow_id: task.workflow_id.clone(),
+        reason: request.reason,
+    });
+    let ids = task_ids(&task, None);
+    commands::append_task(&state, command, h.tracestate.as_deref(), ids).await
+}
+
+// ---- workflows ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepRequest {
+    pub step_id: String,
+    pub capability: String,
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    #[serde(default)]
+    pub timeout_ms: Option<i64>,
+    #[serde(default)]
+    pub max_attempts: Option<i32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefineTemplateRequest {
+    pub name: String,
+    /// 1 when absent.
+    #[serde(default)]
+    pub version: Option<i32>,
+    pub steps: Vec<StepRequest>,
+    #[serde(default)]
+    pub command_id: Option<Uuid>,
+}
+
+pub async fn define_template(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<DefineTemplateRequest>, JsonRejection>,
+) -> Answer {
+    let Json(request) = body?;
+    let h = commands::header(&headers, "api", request.command_id)?;
+    let command = TaskCommand::DefineTemplate(DefineWorkflowTemplate {
+        command_id: h.command_id,
+        actor: h.actor,
+        issued_at: h.issued_at,
+        traceparent: h.traceparent,
+        name: request.name,
+        version: request.version.unwrap_or(1),
+        steps: request
+            .steps
+            .into_iter()
+            .map(|s| WorkflowStep {
+                step_id: s.step_id,
+                capability: s.capability,
+                depends_on: s.depends_on,
+                timeout_ms: s.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS),
+                max_attempts: s.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+            })
+            .collect(),
+    });
+    commands::append_task(&state, command, h.tracestate.as_deref(), TaskIds::default()).await
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateParams {
+    /// The latest version when absent.
+    pub version: Option<i32>,
+}
+
+pub async fn template(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    params: Result<Query<TemplateParams>, QueryRejection>,
+) -> Result<Json<TemplateRow>, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    read(
+        "template",
+        "the template",
+        tasks::template(&state.pool, &name, params.version),
+    )
+    .await?
+    .map(Json)
+    .ok_or_else(|| ApiError::not_found(format!("no workflow template {name}")))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartWorkflowRequest {
+    /// Generated (UUIDv7) when absent.
+    #[serde(default)]
+    pub workflow_id: Option<String>,
+    pub template: String,
+    /// The latest version when absent.
+    #[serde(default)]
+    pub template_version: Option<i32>,
+    #[serde(default)]
+    pub input: Option<Value>,
+    #[serde(default)]
+    pub priority: Option<i32>,
+    #[serde(default)]
+    pub command_id: Option<Uuid>,
+}
+
+pub async fn start_workflow(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<StartWorkflowRequest>, JsonRejection>,
+) -> Answer {
+    let Json(request) = body?;
+    let h = commands::header(&headers, "api", request.command_id)?;
+    let workflow_id = request.workflow_id.unwrap_or_else(|| Uuid::now_v7().to_string());
+    let command = TaskCommand::StartWorkflow(StartWorkflow {
+        command_id: h.command_id,
+        actor: h.actor,
+        issued_at: h.issued_at,
+        traceparent: h.traceparent,
+        workflow_id: workflow_id.clone(),
+        template: request.template,
+        template_version: request.template_version,
+        input_json: json_text(request.input, json!({})),
+        priority: request.priority.unwrap_or(0),
+    });
+    let ids = TaskIds {
+        workflow_id: Some(workflow_id),
+        ..TaskIds::default()
+    };
+    commands::append_task(&state, command, h.tracestate.as_deref(), ids).await
+}
+
+/// One step of a workflow: the template's definition and the state of its task.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StepState {
+    pub step_id: String,
+    pub capability: Option<String>,
+    pub depends_on: Vec<String>,
+    /// The task's status, or `waiting` while its dependencies have not completed.
+    pub status: String,
+    pub task_id: Option<String>,
+    pub agent_id: Option<String>,
+    pub attempt: Option<i32>,
+    pub result: Option<Value>,
+    pub last_error: Option<String>,
+    pub duration_ms: Option<i64>,
+}
+
+pub async fn workflow(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let workflow = read("workflow", "the workflow", tasks::workflow(&state.pool, &id))
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no workflow {id}")))?;
+    let template = read(
+        "template",
+        "the workflow's template",
+        tasks::template(&state.pool, &workflow.template, workflow.template_version),
+    )
+    .await?;
+    let mut tasks = read(
+        "workflow",
+        "the workflow's tasks",
+        tasks::workflow_tasks(&state.pool, &id),
+    )
+    .await?;
+    let defined: Vec<WorkflowStep> = template
+        .and_then(|t| serde_json::from_value(t.steps).ok())
+        .unwrap_or_default();
+    let mut steps: Vec<StepState> = defined
+        .into_iter()
+        .map(|step| {
+            let task = tasks
+                .iter()
+                .position(|t| t.step_id.as_deref() == Some(step.step_id.as_str()))
+                .map(|i| tasks.remove(i));
+            step_state(step.step_id, Some(step.capability), step.depends_on, task)
+        })
+        .collect();
+    // Tasks of the workflow that no template step names (delegated with its id).
+    steps.extend(tasks.into_iter().map(|task| {
+        let step_id = task.step_id.clone().unwrap_or_else(|| task.task_id.clone());
+        step_state(step_id, None, Vec::new(), Some(task))
+    }));
+    let mut body = serde_json::to_value(&workflow).map_err(|e| ApiError::internal("cannot encode", e))?;
+    body["steps"] = serde_json::to_value(&steps).map_err(|e| ApiError::internal("cannot encode", e))?;
+    Ok(Json(body).into_response())
+}
+
+fn step_state(
+    step_id: String,
+    capability: Option<String>,
+    depends_on: Vec<String>,
+    task: Option<TaskRow>,
+) -> StepState {
+    match task {
+        Some(task) => StepState {
+            step_id,
+            capability: capability.or_else(|| task.required_capabilities.first().cloned()),
+            depends_on,
+            status: task.status,
+            task_id: Some(task.task_id),
+            agent_id: task.agent_id,
+            attempt: Some(task.attempt),
+            result: task.result,
+            last_error: task.last_error,
+            duration_ms: task.duration_ms,
+        },
+        None => StepState {
+            step_id,
+            capability,
+            depends_on,
+            status: "waiting".into(),
+            task_id: None,
+            agent_id: None,
+            attempt: None,
+            result: None,
+            last_error: None,
+            duration_ms: None,
+        },
+    }
+}
+
+// ---- figures ----
+
+/// `GET /v1/orchestrator/stats`: the seed's figures, from the views.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Stats {
+    pub completed_workflows: i64,
+    pub active_workflows: i64,
+    pub failed_workflows: i64,
+    pub total_tasks_delegated: i64,
+    /// Mean time from acceptance to completion of completed tasks.
+    pub average_completion_ms: Option<f64>,
+    pub average_workflow_duration_ms: Option<f64>,
+    pub tasks: TaskCounts,
+    /// Every registered agent with its load.
+    pub agents: Vec<AgentLoad>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TaskCounts {
+    pub pending: i64,
+    pub in_progress: i64,
+    pub completed: i64,
+    pub dead_lettered: i64,
+    pub cancelled: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AgentLoad {
+    pub agent_id: String,
+    pub status: String,
+    pub load: i32,
+    pub max_concurrent: i32,
+}
+
+pub async fn stats(State(state): State<AppState>) -> Result<Json<Stats>, ApiError> {
+    let figures = read("orchestrator_stats", "the figures", tasks::stats(&state.pool)).await?;
+    let agents = read("agents", "the agents", tasks::agents(&state.pool, None)).await?;
+    Ok(Json(Stats {
+        completed_workflows: figures.workflows_completed,
+        active_workflows: figures.workflows_active,
+        failed_workflows: figures.workflows_failed,
+        total_tasks_delegated: figures.tasks_delegated,
+        average_completion_ms: figures.average_completion_ms,
+        average_workflow_duration_ms: figures.average_workflow_ms,
+        tasks: TaskCounts {
+            pending: figures.tasks_pending,
+            in_progress: figures.tasks_in_progress,
+            completed: figures.tasks_completed,
+            dead_lettered: figures.tasks_dead_lettered,
+            cancelled: figures.tasks_cancelled,
+        },
+        agents: agents
+            .into_iter()
+            .map(|a| AgentLoad {
+                agent_id: a.agent_id,
+                status: a.status,
+                load: a.load,
+                max_concurrent: a.max_concurrent,
+            })
+            .collect(),
+    }))
+}
