@@ -9,6 +9,7 @@ pub mod api;
 pub mod metrics_text;
 pub mod process;
 pub mod stack;
+pub mod tasks;
 
 pub use process::MemosProcess;
 pub use stack::TestEnv;

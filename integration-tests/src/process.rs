@@ -61,7 +61,7 @@ impl MemosProcess {
             base_url: None,
         };
         // Every role serves HTTP (the projector role: /healthz and /metrics only).
-        let marker = if role == "projector" {
+        let marker = if role == "projector" || role == "orchestrator" {
             "operations endpoint listening"
         } else {
             "api listening"
@@ -72,9 +72,14 @@ impl MemosProcess {
             .as_str()
             .context("listening line has no addr")?;
         process.base_url = Some(format!("http://{addr}"));
-        if role != "api" {
+        if role == "projector" || role == "all" {
             process
                 .wait_for_log("projector started", Duration::from_secs(60))
+                .await?;
+        }
+        if role == "orchestrator" || role == "all" {
+            process
+                .wait_for_log("orchestrator state rebuilt", Duration::from_secs(60))
                 .await?;
         }
         Ok(process)

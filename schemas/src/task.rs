@@ -373,6 +373,14 @@ impl TaskCommand {
 
     /// Decodes a record written with any released schema version and validates it.
     pub fn decode(bytes: &[u8]) -> Result<TaskCommand, DecodeError> {
+        let command = Self::decode_unvalidated(bytes)?;
+        command.validate()?;
+        Ok(command)
+    }
+
+    /// Decodes without checking limits: the orchestrator records an invalid command as a
+    /// rejection (with the command's ids) instead of dead-lettering it.
+    pub fn decode_unvalidated(bytes: &[u8]) -> Result<TaskCommand, DecodeError> {
         let (kind, value) = registry().decode_value(bytes)?;
         let malformed = |e: apache_avro::Error| DecodeError::Malformed {
             schema: kind.full_name(),
@@ -412,8 +420,23 @@ impl TaskCommand {
                 });
             }
         };
-        command.validate()?;
         Ok(command)
+    }
+
+    /// The task, agent and workflow the command is about, when it names them.
+    pub fn subject(&self) -> (Option<&str>, Option<&str>, Option<&str>) {
+        match self {
+            TaskCommand::RegisterAgent(c) => (None, Some(&c.agent_id), None),
+            TaskCommand::Heartbeat(c) => (None, Some(&c.agent_id), None),
+            TaskCommand::DeregisterAgent(c) => (None, Some(&c.agent_id), None),
+            TaskCommand::Delegate(c) => (Some(&c.task_id), None, c.workflow_id.as_deref()),
+            TaskCommand::Start(c) => (Some(&c.task_id), Some(&c.agent_id), c.workflow_id.as_deref()),
+            TaskCommand::Complete(c) => (Some(&c.task_id), Some(&c.agent_id), c.workflow_id.as_deref()),
+            TaskCommand::Fail(c) => (Some(&c.task_id), Some(&c.agent_id), c.workflow_id.as_deref()),
+            TaskCommand::Cancel(c) => (Some(&c.task_id), None, c.workflow_id.as_deref()),
+            TaskCommand::DefineTemplate(_) | TaskCommand::Tick(_) => (None, None, None),
+            TaskCommand::StartWorkflow(c) => (None, None, Some(&c.workflow_id)),
+        }
     }
 }
 

@@ -20,29 +20,28 @@ pub struct DeadLetter<'a> {
     pub error_message: &'a str,
 }
 
+/// The headers a dead letter carries: origin, error class and message, time.
+pub fn letter_headers(letter: &DeadLetter<'_>) -> Vec<(&'static str, String)> {
+    vec![
+        (headers::DLQ_ORIGIN_TOPIC, letter.topic.to_owned()),
+        (headers::DLQ_ORIGIN_PARTITION, letter.partition.to_string()),
+        (headers::DLQ_ORIGIN_OFFSET, letter.offset.to_string()),
+        (headers::DLQ_ERROR_CLASS, letter.error_class.to_owned()),
+        (headers::DLQ_ERROR_MESSAGE, letter.error_message.to_owned()),
+        (headers::DLQ_TIME, Utc::now().to_rfc3339()),
+    ]
+}
+
 /// Writes `letter` to `dlq_topic` and waits for the broker's acknowledgement.
 pub async fn send(
     producer: &CommandProducer,
     dlq_topic: &str,
     letter: &DeadLetter<'_>,
 ) -> Result<Delivered, ProduceError> {
-    let partition = letter.partition.to_string();
-    let offset = letter.offset.to_string();
-    let time = Utc::now().to_rfc3339();
     let key = letter.key.map(String::from_utf8_lossy).unwrap_or_default();
+    let headers = letter_headers(letter);
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
     producer
-        .send(
-            dlq_topic,
-            &key,
-            letter.payload.unwrap_or_default(),
-            &[
-                (headers::DLQ_ORIGIN_TOPIC, letter.topic),
-                (headers::DLQ_ORIGIN_PARTITION, &partition),
-                (headers::DLQ_ORIGIN_OFFSET, &offset),
-                (headers::DLQ_ERROR_CLASS, letter.error_class),
-                (headers::DLQ_ERROR_MESSAGE, letter.error_message),
-                (headers::DLQ_TIME, &time),
-            ],
-        )
+        .send(dlq_topic, &key, letter.payload.unwrap_or_default(), &headers)
         .await
 }

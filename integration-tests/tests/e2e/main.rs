@@ -7,5 +7,6 @@ mod hot_views;
 mod memory_path;
 mod memory_pipeline;
 mod observability;
+mod orchestrator;
 mod prometheus;
 mod replay;

@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use memos_api::{Api, AppState};
 use memos_kafka::CommandProducer;
 use memos_kafka::admin::{all_topics, ensure_topics};
+use memos_orchestrator::Orchestrator;
 use memos_projector::{Projector, TaskProjector};
 use memos_redis::HotViews;
 use memos_runtime::{Config, shutdown, telemetry};
@@ -44,6 +45,7 @@ enum Role {
     All,
     Api,
     Projector,
+    Orchestrator,
 }
 
 #[tokio::main]
@@ -77,6 +79,25 @@ async fn run(config: Arc<Config>, role: Role) -> anyhow::Result<()> {
             .await
             .context("cannot create topics (is Kafka up at kafka.brokers?)")?;
     }
+    let orchestrator = matches!(role, Role::All | Role::Orchestrator).then(|| {
+        let orchestrator = Orchestrator::new(config.clone(), shutdown.child_token());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let result = orchestrator.run_until_stopped().await;
+            // If the orchestrator ends on its own, stop the whole process.
+            stop.cancel();
+            result
+        })
+    });
+    if role == Role::Orchestrator {
+        serve_operations(&config, &shutdown).await?;
+        if let Some(orchestrator) = orchestrator {
+            orchestrator.await??;
+        }
+        tracing::info!("memos stopped");
+        return Ok(());
+    }
+
     let pool = memos_postgres::connect(&config.postgres)
         .await
         .context("cannot connect to PostgreSQL")?;
@@ -123,21 +144,29 @@ async fn run(config: Arc<Config>, role: Role) -> anyhow::Result<()> {
             .with_context(|| format!("cannot bind {}", config.http.bind))?;
         api.run_until_stopped(shutdown.clone()).await?;
     } else {
-        // The projector role serves only /healthz and /metrics.
-        let listener = tokio::net::TcpListener::bind(config.http.bind)
-            .await
-            .with_context(|| format!("cannot bind {}", config.http.bind))?;
-        tracing::info!(addr = %listener.local_addr()?, "operations endpoint listening");
-        axum::serve(listener, memos_api::server::operations_router())
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .await?;
+        serve_operations(&config, &shutdown).await?;
     }
     shutdown.cancel();
+    if let Some(orchestrator) = orchestrator {
+        orchestrator.await??;
+    }
     for projection in projections {
         if projection.await?.is_err() {
             anyhow::bail!("projector thread panicked");
         }
     }
     tracing::info!("memos stopped");
+    Ok(())
+}
+
+/// The projector and orchestrator roles serve only /healthz and /metrics.
+async fn serve_operations(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.http.bind)
+        .await
+        .with_context(|| format!("cannot bind {}", config.http.bind))?;
+    tracing::info!(addr = %listener.local_addr()?, "operations endpoint listening");
+    axum::serve(listener, memos_api::server::operations_router())
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await?;
     Ok(())
 }

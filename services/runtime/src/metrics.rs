@@ -63,6 +63,16 @@ pub const HTTP_REQUESTS: &str = "memos_http_requests_total";
 pub const HTTP_SECONDS: &str = "memos_http_request_duration_seconds";
 pub const HTTP_IN_FLIGHT: &str = "memos_http_requests_in_flight";
 pub const BUILD_INFO: &str = "memos_build_info";
+pub const ORCHESTRATOR_COMMANDS: &str = "memos_orchestrator_commands_total";
+pub const ORCHESTRATOR_EVENTS: &str = "memos_orchestrator_events_total";
+pub const ORCHESTRATOR_TRANSACTIONS: &str = "memos_orchestrator_transactions_total";
+pub const ORCHESTRATOR_TRANSACTION_SECONDS: &str = "memos_orchestrator_transaction_seconds";
+pub const ORCHESTRATOR_TASK_COMPLETION_SECONDS: &str = "memos_orchestrator_task_completion_seconds";
+pub const ORCHESTRATOR_ACTIVE_WORKFLOWS: &str = "memos_orchestrator_active_workflows";
+pub const ORCHESTRATOR_PENDING_TASKS: &str = "memos_orchestrator_pending_tasks";
+pub const ORCHESTRATOR_AGENTS: &str = "memos_orchestrator_agents";
+pub const ORCHESTRATOR_AGENT_LOAD: &str = "memos_orchestrator_agent_load";
+pub const ORCHESTRATOR_RESTARTS: &str = "memos_orchestrator_restarts_total";
 
 use Kind::{Counter, Gauge, Histogram};
 
@@ -229,6 +239,66 @@ pub const CATALOGUE: &[MetricDef] = &[
         kind: Gauge,
         labels: &["version", "role"],
         help: "Always 1; labels say which build and role run.",
+    },
+    MetricDef {
+        name: ORCHESTRATOR_COMMANDS,
+        kind: Counter,
+        labels: &["type", "outcome"],
+        help: "Task commands decided by the orchestrator, by command type and outcome (decided, rejected, duplicate).",
+    },
+    MetricDef {
+        name: ORCHESTRATOR_EVENTS,
+        kind: Counter,
+        labels: &["type"],
+        help: "Task events written by the orchestrator, by event type: TASK_ACCEPTED counts tasks delegated, TASK_COMPLETED, TASK_REDELEGATED, TASK_DEAD_LETTERED, WORKFLOW_COMPLETED, ...",
+    },
+    MetricDef {
+        name: ORCHESTRATOR_TRANSACTIONS,
+        kind: Counter,
+        labels: &["outcome"],
+        help: "Orchestrator Kafka transactions, committed or aborted.",
+    },
+    MetricDef {
+        name: ORCHESTRATOR_TRANSACTION_SECONDS,
+        kind: Histogram,
+        labels: &[],
+        help: "Time from beginning an orchestrator transaction to its commit.",
+    },
+    MetricDef {
+        name: ORCHESTRATOR_TASK_COMPLETION_SECONDS,
+        kind: Histogram,
+        labels: &[],
+        help: "Task completion time, from acceptance to completion, in record time.",
+    },
+    MetricDef {
+        name: ORCHESTRATOR_ACTIVE_WORKFLOWS,
+        kind: Gauge,
+        labels: &[],
+        help: "Workflows started and not yet completed or failed.",
+    },
+    MetricDef {
+        name: ORCHESTRATOR_PENDING_TASKS,
+        kind: Gauge,
+        labels: &[],
+        help: "Tasks waiting for an eligible agent in the partitions this instance owns.",
+    },
+    MetricDef {
+        name: ORCHESTRATOR_AGENTS,
+        kind: Gauge,
+        labels: &["status"],
+        help: "Agents by status (alive, lost, deregistered), reported by the instance owning each agent's partition.",
+    },
+    MetricDef {
+        name: ORCHESTRATOR_AGENT_LOAD,
+        kind: Gauge,
+        labels: &["agent"],
+        help: "Tasks an agent holds (assigned or running).",
+    },
+    MetricDef {
+        name: ORCHESTRATOR_RESTARTS,
+        kind: Counter,
+        labels: &[],
+        help: "Times the orchestrator loop failed, aborted its transaction and restarted from a rebuilt state.",
     },
 ];
 

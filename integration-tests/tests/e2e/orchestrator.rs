@@ -1,0 +1,337 @@
+//! The orchestrator against real Kafka: commands appended as any Avro producer would, its
+//! committed (`read_committed`) events read back and compared with the commands.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use memos_integration_tests::tasks::{EventLog, TaskClient, has};
+use memos_integration_tests::{MemosProcess, TestEnv};
+use memos_schemas::task::{TaskCommand, TaskEventType as E};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn orchestrator(env: &TestEnv, instance: &str, heartbeat_window: &str) -> anyhow::Result<MemosProcess> {
+    MemosProcess::start(
+        env,
+        "orchestrator",
+        &[
+            ("MEMOS__ORCHESTRATOR__INSTANCE_ID", instance),
+            ("MEMOS__ORCHESTRATOR__TICK_INTERVAL", "200ms"),
+            ("MEMOS__ORCHESTRATOR__HEARTBEAT_WINDOW", heartbeat_window),
+            ("MEMOS__ORCHESTRATOR__SESSION_TIMEOUT", "6s"),
+            ("RUST_LOG", "info,memos_orchestrator=debug"),
+        ],
+    )
+    .await
+}
+
+/// Runs blocking event reads off the runtime's workers.
+async fn read<F>(mut log: EventLog, topic: String, what: &'static str, done: F) -> anyhow::Result<EventLog>
+where
+    F: Fn(&[(i32, i64, memos_schemas::task::TaskEvent)]) -> bool + Send + 'static,
+{
+    tokio::task::spawn_blocking(move || {
+        log.read_until(&topic, what, WAIT, done)?;
+        Ok(log)
+    })
+    .await?
+}
+
+/// No eligible agent: the task waits and is assigned when one registers. A three-step DAG
+/// runs to completion with each step's input holding its dependencies' results. Invalid
+/// commands (a complete from an agent that does not hold the task, a template with a cycle)
+/// are rejected with a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_for_an_agent_then_runs_a_workflow_dag() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let _orchestrator = orchestrator(&env, "one", "60s").await?;
+    let client = TaskClient::new(&env)?;
+    let topic = env.task_events_topic.clone();
+
+    client.delegate("lonely", "summarize", 3).await?;
+    let log = read(EventLog::new(&env)?, topic.clone(), "task accepted", |e| {
+        has(e, E::TaskAccepted, "lonely")
+    })
+    .await?;
+    // Some ticks pass with no eligible agent: still waiting.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut log = read(log, topic.clone(), "ticks pass", |_| true).await?;
+    assert!(log.assignment("lonely").is_none(), "assigned without an agent");
+
+    client
+        .register("summarizer", &["summarize", "extract"], 4)
+        .await?;
+    log = read(log, topic.clone(), "assigned on registration", |e| {
+        has(e, E::TaskAssigned, "lonely")
+    })
+    .await?;
+    assert_eq!(log.assignment("lonely"), Some(("summarizer".to_owned(), 1)));
+
+    // A complete from an agent that does not hold the task is rejected, not dropped.
+    client.complete("lonely", "impostor", None, json!("nope")).await?;
+    // A template whose steps form a cycle is rejected.
+    client
+        .define("loop", &[("a", "extract", &["b"]), ("b", "extract", &["a"])])
+        .await?;
+    log = read(log, topic.clone(), "rejections", |e| {
+        e.iter()
+            .filter(|(_, _, e)| e.event_type == E::CommandRejected)
+            .count()
+            >= 2
+    })
+    .await?;
+    let reasons: Vec<String> = log
+        .of(E::CommandRejected)
+        .filter_map(|e| e.reason.clone())
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("not held by agent impostor")),
+        "{reasons:?}"
+    );
+    assert!(reasons.iter().any(|r| r.contains("cycle")), "{reasons:?}");
+    client
+        .complete("lonely", "summarizer", None, json!({"summary": "done"}))
+        .await?;
+
+    // extract -> (summarize, extract) -> summarize, results passed along.
+    client
+        .define(
+            "report",
+            &[
+                ("fetch", "extract", &[]),
+                ("digest", "summarize", &["fetch"]),
+                ("publish", "summarize", &["fetch", "digest"]),
+            ],
+        )
+        .await?;
+    // The template is decided in its own partition; wait until it is known.
+    log = read(log, topic.clone(), "template defined", |e| {
+        e.iter().any(|(_, _, e)| e.event_type == E::TemplateDefined)
+    })
+    .await?;
+    client
+        .start_workflow("wf-1", "report", json!({"url": "https://example.org"}))
+        .await?;
+    for (step, result) in [
+        ("fetch", json!("page")),
+        ("digest", json!("short")),
+        ("publish", json!("ok")),
+    ] {
+        let task = format!("wf-1/{step}");
+        let t = task.clone();
+        log = read(log, topic.clone(), "step assigned", move |e| {
+            has(e, E::TaskAssigned, &t)
+        })
+        .await?;
+        let (agent, _) = log.assignment(&task).expect("assigned");
+        let assigned = log
+            .of(E::TaskAssigned)
+            .find(|e| e.task_id.as_deref() == Some(task.as_str()))
+            .unwrap()
+            .clone();
+        let payload: serde_json::Value = serde_json::from_str(assigned.data_json.as_deref().unwrap())?;
+        assert_eq!(
+            payload["payload"]["input"]["url"], "https://example.org",
+            "{payload}"
+        );
+        if step == "publish" {
+            assert_eq!(
+                payload["payload"]["steps"],
+                json!({"fetch": "page", "digest": "short"})
+            );
+        }
+        client.complete(&task, &agent, Some("wf-1"), result).await?;
+    }
+    log = read(log, topic.clone(), "workflow completed", |e| {
+        e.iter().any(|(_, _, e)| e.event_type == E::WorkflowCompleted)
+    })
+    .await?;
+    let done = log.of(E::WorkflowCompleted).next().unwrap();
+    let data: serde_json::Value = serde_json::from_str(done.data_json.as_deref().unwrap())?;
+    assert_eq!(
+        data["results"],
+        json!({"fetch": "page", "digest": "short", "publish": "ok"})
+    );
+    env.cleanup().await;
+    Ok(())
+}
+
+/// An agent that stops heartbeating is lost and its task goes to another agent; a task that
+/// fails on its last attempt is dead-lettered with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_agent_task_moves_then_dead_letters_after_max_attempts() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let _orchestrator = orchestrator(&env, "one", "1500ms").await?;
+    let client = TaskClient::new(&env)?;
+    let topic = env.task_events_topic.clone();
+
+    client.register("a-silent", &["translate"], 5).await?;
+    let mut log = read(EventLog::new(&env)?, topic.clone(), "agent registered", |e| {
+        e.iter().any(|(_, _, e)| e.event_type == E::AgentRegistered)
+    })
+    .await?;
+    client.delegate("job", "translate", 2).await?;
+    log = read(log, topic.clone(), "assigned to the only agent", |e| {
+        has(e, E::TaskAssigned, "job")
+    })
+    .await?;
+    assert_eq!(log.assignment("job"), Some(("a-silent".to_owned(), 1)));
+
+    // A second agent keeps heartbeating; the first never does again.
+    client.register("b-alive", &["translate"], 5).await?;
+    let beating = {
+        let client = TaskClient::new(&env)?;
+        tokio::spawn(async move {
+            loop {
+                let _ = client.heartbeat("b-alive").await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    log = read(log, topic.clone(), "re-delegated to the live agent", |e| {
+        e.iter().any(|(_, _, e)| {
+            e.event_type == E::TaskAssigned
+                && e.agent_id.as_deref() == Some("b-alive")
+                && e.attempt == Some(2)
+        })
+    })
+    .await?;
+    let lost: Vec<_> = log.of(E::AgentLost).filter_map(|e| e.agent_id.clone()).collect();
+    assert_eq!(lost, vec!["a-silent".to_owned()]);
+    let moved = log.of(E::TaskRedelegated).next().expect("re-delegated");
+    assert_eq!(moved.agent_id.as_deref(), Some("a-silent"));
+    assert_eq!(moved.reason.as_deref(), Some("agent lost"));
+
+    // Attempt 2 of 2 fails: dead-lettered, not retried.
+    client.fail("job", "b-alive", true).await?;
+    log = read(log, topic.clone(), "dead-lettered", |e| {
+        has(e, E::TaskDeadLettered, "job")
+    })
+    .await?;
+    let dead = log.of(E::TaskDeadLettered).next().unwrap();
+    assert!(
+        dead.reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("max attempts (2)"),
+        "{dead:?}"
+    );
+    assert_eq!(log.per_task(E::TaskAssigned)["job"], 2);
+    beating.abort();
+    env.cleanup().await;
+    Ok(())
+}
+
+/// Delegates `count` tasks `task-<first>..`, each command sent twice (a client retry).
+async fn delegate_many(client: &TaskClient, range: std::ops::Range<usize>) -> anyhow::Result<()> {
+    for i in range {
+        let command = TaskCommand::Delegate(TaskClient::delegate_command(
+            &format!("task-{i}"),
+            "work",
+            3,
+            600_000,
+        ));
+        client.send(&command).await?;
+        if i % 10 == 0 {
+            client.send(&command).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Every delegated task was accepted once and assigned once, and nothing else was assigned.
+fn assert_exactly_once(log: &EventLog, count: usize) {
+    let expected: BTreeSet<String> = (0..count).map(|i| format!("task-{i}")).collect();
+    for kind in [E::TaskAccepted, E::TaskAssigned] {
+        let per_task = log.per_task(kind);
+        let tasks: BTreeSet<String> = per_task.keys().cloned().collect();
+        assert_eq!(tasks, expected, "{kind:?}: tasks differ from the commands");
+        let doubled: Vec<_> = per_task.iter().filter(|(_, n)| **n != 1).collect();
+        assert!(doubled.is_empty(), "{kind:?} more than once: {doubled:?}");
+    }
+    assert_eq!(
+        log.of(E::CommandRejected).count(),
+        0,
+        "retried commands must be no-ops"
+    );
+}
+
+/// The orchestrator killed with SIGKILL in the middle of a stream and restarted: every
+/// delegated task is accepted and assigned exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_assigns_every_task_exactly_once() -> anyhow::Result<()> {
+    const TASKS: usize = 1500;
+    let env = TestEnv::new().await?;
+    let mut first = orchestrator(&env, "one", "600s").await?;
+    let client = TaskClient::new(&env)?;
+    for agent in ["w1", "w2", "w3"] {
+        client.register(agent, &["work"], 1000).await?;
+    }
+    delegate_many(&client, 0..TASKS / 2).await?;
+    let topic = env.task_events_topic.clone();
+    let log = read(EventLog::new(&env)?, topic.clone(), "some assignments", |e| {
+        e.iter()
+            .filter(|(_, _, e)| e.event_type == E::TaskAssigned)
+            .count()
+            >= 100
+    })
+    .await?;
+    first.kill()?;
+    delegate_many(&client, TASKS / 2..TASKS).await?;
+    let _second = orchestrator(&env, "one", "600s").await?;
+    let log = read(log, topic, "every task assigned", |e| {
+        e.iter()
+            .filter(|(_, _, e)| e.event_type == E::TaskAssigned)
+            .count()
+            >= TASKS
+    })
+    .await?;
+    // Give a wrongly repeated decision time to show up before counting.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let log = read(log, env.task_events_topic.clone(), "settle", |_| true).await?;
+    assert_exactly_once(&log, TASKS);
+    env.cleanup().await;
+    Ok(())
+}
+
+/// Two instances share the partitions (each takes some) without assigning any task twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_partitions_without_double_assignment() -> anyhow::Result<()> {
+    const TASKS: usize = 1200;
+    let env = TestEnv::new().await?;
+    let mut first = orchestrator(&env, "one", "600s").await?;
+    let mut second = orchestrator(&env, "two", "600s").await?;
+    let client = TaskClient::new(&env)?;
+    for agent in ["w1", "w2"] {
+        client.register(agent, &["work"], 1000).await?;
+    }
+    first.wait_for_log("task partition taken", WAIT).await?;
+    second.wait_for_log("task partition taken", WAIT).await?;
+    delegate_many(&client, 0..TASKS).await?;
+    let log = read(
+        EventLog::new(&env)?,
+        env.task_events_topic.clone(),
+        "every task assigned",
+        |e| {
+            e.iter()
+                .filter(|(_, _, e)| e.event_type == E::TaskAssigned)
+                .count()
+                >= TASKS
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let log = read(log, env.task_events_topic.clone(), "settle", |_| true).await?;
+    assert_exactly_once(&log, TASKS);
+    // Both instances decided: each wrote to the partitions it owns.
+    let partitions: BTreeSet<i32> = log.events.iter().map(|(p, _, _)| *p).collect();
+    assert!(partitions.len() >= 2, "events in partitions {partitions:?}");
+    let taken = |p: &MemosProcess| p.log_text().matches("task partition taken").count();
+    assert!(
+        taken(&first) >= 1 && taken(&second) >= 1,
+        "both instances own partitions"
+    );
+    env.cleanup().await;
+    Ok(())
+}

@@ -1,0 +1,595 @@
+//! Decisions: a command (or the passing of time) in, events out. Each decided event is
+//! applied to the [`State`] at once, so the next decision of the same batch sees it, and the
+//! state stays the fold of the decided events. Deciding reads no clock: `now` is the
+//! partition clock, the largest record timestamp among the commands of the partition (the
+//! owner appends a `Tick` every tick interval so that it advances when nothing else happens).
+//! Given the same state, commands and clock, the decisions are the same (see the tests).
+
+use memos_schemas::task::{TaskCommand, TaskEvent, TaskEventType as E, WorkflowStep};
+use serde_json::{Value, json};
+
+use crate::state::{AgentStatus, State, TaskStatus, WorkflowStatus};
+
+/// What the orchestrator decides with, besides the log.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules {
+    /// An agent whose last heartbeat is older than this is not eligible and is lost.
+    pub heartbeat_window_ms: i64,
+}
+
+/// Emits events for one partition at one instant, applying each to the state.
+struct Decision<'a> {
+    state: &'a mut State,
+    partition: i32,
+    now: i64,
+    command_id: Option<String>,
+    command_type: Option<&'static str>,
+    actor: Option<String>,
+    traceparent: Option<String>,
+    events: Vec<TaskEvent>,
+}
+
+impl<'a> Decision<'a> {
+    fn new(state: &'a mut State, partition: i32, now: i64) -> Self {
+        Decision {
+            state,
+            partition,
+            now,
+            command_id: None,
+            command_type: None,
+            actor: None,
+            traceparent: None,
+            events: Vec::new(),
+        }
+    }
+
+    fn for_command(state: &'a mut State, partition: i32, now: i64, command: &TaskCommand) -> Self {
+        let mut decision = Decision::new(state, partition, now);
+        decision.command_id = Some(command.command_id().to_owned());
+        decision.command_type = Some(command.type_name());
+        decision.actor = Some(command.actor().to_owned());
+        decision.traceparent = command.traceparent().map(str::to_owned);
+        decision
+    }
+
+    /// A new event of `event_type` caused by the current command (if any).
+    fn event(&self, event_type: E) -> TaskEvent {
+        let mut event = TaskEvent::new(String::new(), event_type, self.now);
+        event.command_id = self.command_id.clone();
+        event.actor = self.actor.clone();
+        event.traceparent = self.traceparent.clone();
+        event
+    }
+
+    fn emit(&mut self, mut event: TaskEvent) {
+        event.event_id = self.state.next_event_id(self.partition);
+        self.state.apply(self.partition, &event);
+        self.events.push(event);
+    }
+
+    fn reject(&mut self, command: &TaskCommand, reason: impl Into<String>) {
+        let mut event = self.event(E::CommandRejected);
+        event.command_type = self.command_type.map(str::to_owned);
+        let (task, agent, workflow) = command.subject();
+        event.task_id = task.map(str::to_owned);
+        event.agent_id = agent.map(str::to_owned);
+        event.workflow_id = workflow.map(str::to_owned);
+        event.reason = Some(reason.into());
+        self.emit(event);
+    }
+
+    fn task_event(&self, event_type: E, task_id: &str) -> TaskEvent {
+        let mut event = self.event(event_type);
+        event.task_id = Some(task_id.to_owned());
+        if let Some(task) = self.state.tasks.get(task_id) {
+            event.workflow_id = task.workflow_id.clone();
+            event.step_id = task.step_id.clone();
+            event.agent_id = task.agent.clone();
+            event.attempt = Some(task.attempt);
+        }
+        event
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn accept_task(
+        &mut self,
+        task_id: &str,
+        workflow_id: Option<&str>,
+        step_id: Option<&str>,
+        required: &[String],
+        payload: Value,
+        priority: i32,
+        timeout_ms: i64,
+        max_attempts: i32,
+        preferred_agent: Option<&str>,
+    ) {
+        let mut event = self.event(E::TaskAccepted);
+        event.task_id = Some(task_id.to_owned());
+        event.workflow_id = workflow_id.map(str::to_owned);
+        event.step_id = step_id.map(str::to_owned);
+        event.data_json = Some(
+            json!({
+                "required_capabilities": required,
+                "payload": payload,
+                "priority": priority,
+                "timeout_ms": timeout_ms,
+                "max_attempts": max_attempts,
+                "preferred_agent": preferred_agent,
+            })
+            .to_string(),
+        );
+        self.emit(event);
+    }
+
+    /// After an attempt ended without success: another attempt, or the dead letter.
+    fn retry_or_dead_letter(
+        &mut self,
+        task_id: &str,
+        previous_agent: Option<String>,
+        reason: &str,
+        retriable: bool,
+    ) {
+        let Some(task) = self.state.tasks.get(task_id) else {
+            return;
+        };
+        let (attempt, max) = (task.attempt, task.max_attempts);
+        if retriable && attempt < max {
+            let mut event = self.task_event(E::TaskRedelegated, task_id);
+            event.agent_id = previous_agent;
+            event.attempt = Some(attempt + 1);
+            event.reason = Some(reason.to_owned());
+            self.emit(event);
+        } else {
+            let mut event = self.task_event(E::TaskDeadLettered, task_id);
+            event.agent_id = previous_agent;
+            event.reason = Some(if retriable {
+                format!("max attempts ({max}) reached; last: {reason}")
+            } else {
+                format!("not retriable: {reason}")
+            });
+            let why = event.reason.clone().unwrap_or_default();
+            self.emit(event);
+            self.fail_workflow_of(task_id, &why);
+        }
+    }
+
+    fn fail_workflow_of(&mut self, task_id: &str, reason: &str) {
+        let Some(task) = self.state.tasks.get(task_id) else {
+            return;
+        };
+        let (Some(workflow_id), Some(step_id)) = (task.workflow_id.clone(), task.step_id.clone()) else {
+            return;
+        };
+        if self.state.workflows.get(&workflow_id).map(|w| w.status) != Some(WorkflowStatus::Running) {
+            return;
+        }
+        let mut event = self.event(E::WorkflowFailed);
+        event.workflow_id = Some(workflow_id);
+        event.step_id = Some(step_id);
+        event.reason = Some(format!("step failed: {reason}"));
+        self.emit(event);
+    }
+
+    /// Makes tasks of the workflow's steps whose dependencies have all completed, and
+    /// completes the workflow when every step has.
+    fn advance_workflow(&mut self, workflow_id: &str) {
+        let Some(workflow) = self.state.workflows.get(workflow_id) else {
+            return;
+        };
+        if workflow.status != WorkflowStatus::Running {
+            return;
+        }
+        if workflow.results.len() == workflow.steps.len() {
+            let results: serde_json::Map<String, Value> = workflow
+                .results
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let duration = self.now - workflow.started_at;
+            let mut event = self.event(E::WorkflowCompleted);
+            event.workflow_id = Some(workflow_id.to_owned());
+            event.data_json = Some(json!({"results": results, "duration_ms": duration}).to_string());
+            self.emit(event);
+            return;
+        }
+        let ready: Vec<(WorkflowStep, Value)> = workflow
+            .steps
+            .iter()
+            .filter(|s| !workflow.released.contains(&s.step_id))
+            .filter(|s| s.depends_on.iter().all(|d| workflow.results.contains_key(d)))
+            .map(|s| {
+                let inputs: serde_json::Map<String, Value> = s
+                    .depends_on
+                    .iter()
+                    .map(|d| (d.clone(), workflow.results[d].clone()))
+                    .collect();
+                (s.clone(), json!({"input": workflow.input, "steps": inputs}))
+            })
+            .collect();
+        let priority = workflow.priority;
+        for (step, payload) in ready {
+            let task_id = format!("{workflow_id}/{}", step.step_id);
+            let mut event = self.event(E::WorkflowStepReady);
+            event.workflow_id = Some(workflow_id.to_owned());
+            event.step_id = Some(step.step_id.clone());
+            event.task_id = Some(task_id.clone());
+            self.emit(event);
+            self.accept_task(
+                &task_id,
+                Some(workflow_id),
+                Some(&step.step_id),
+                std::slice::from_ref(&step.capability),
+                payload,
+                priority,
+                step.timeout_ms,
+                step.max_attempts,
+                None,
+            );
+        }
+    }
+
+    /// The task, if `agent` holds it in a state where it may report on it.
+    fn held_by(&self, task_id: &str, agent: &str, allowed: &[TaskStatus]) -> Result<(), String> {
+        let Some(task) = self.state.tasks.get(task_id) else {
+            return Err(format!("unknown task {task_id}"));
+        };
+        if task.agent.as_deref() != Some(agent) {
+            return Err(format!("task {task_id} is not held by agent {agent}"));
+        }
+        if !allowed.contains(&task.status) {
+            return Err(format!("task {task_id} is {:?}", task.status).to_lowercase());
+        }
+        Ok(())
+    }
+}
+
+/// Validates a template's steps: unique ids, known dependencies, no cycle.
+fn check_dag(steps: &[WorkflowStep]) -> Result<(), String> {
+    let ids: std::collections::BTreeSet<&str> = steps.iter().map(|s| s.step_id.as_str()).collect();
+    if ids.len() != steps.len() {
+        return Err("step ids must be unique".into());
+    }
+    for step in steps {
+        if let Some(missing) = step.depends_on.iter().find(|d| !ids.contains(d.as_str())) {
+            return Err(format!("step {} depends on unknown step {missing}", step.step_id));
+        }
+    }
+    // Kahn: repeatedly take the steps whose dependencies are all taken.
+    let mut done: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
+    while done.len() < steps.len() {
+        let next: Vec<&str> = steps
+            .iter()
+            .filter(|s| !done.contains(s.step_id.as_str()))
+            .filter(|s| s.depends_on.iter().all(|d| done.contains(d.as_str())))
+            .map(|s| s.step_id.as_str())
+            .collect();
+        if next.is_empty() {
+            let cyclic: Vec<&str> = steps
+                .iter()
+                .map(|s| s.step_id.as_str())
+                .filter(|s| !done.contains(s))
+                .collect();
+            return Err(format!("the steps form a cycle: {}", cyclic.join(", ")));
+        }
+        done.extend(next);
+    }
+    Ok(())
+}
+
+/// Decides one command of `partition` at partition time `now`.
+pub fn decide(state: &mut State, partition: i32, now: i64, command: &TaskCommand) -> Vec<TaskEvent> {
+    if matches!(command, TaskCommand::Tick(_)) || state.seen(command.command_id()) {
+        return Vec::new();
+    }
+    let mut d = Decision::for_command(state, partition, now, command);
+    if let Err(e) = command.validate() {
+        d.reject(command, format!("invalid: {e}"));
+        return d.events;
+    }
+    match command {
+        TaskCommand::RegisterAgent(c) => {
+            let metadata: Value = serde_json::from_str(&c.metadata_json).unwrap_or(Value::Null);
+            let mut event = d.event(E::AgentRegistered);
+            event.agent_id = Some(c.agent_id.clone());
+            event.data_json = Some(
+                json!({
+                    "capabilities": c.capabilities,
+                    "max_concurrent": c.max_concurrent,
+                    "metadata": metadata,
+                })
+                .to_string(),
+            );
+            d.emit(event);
+        }
+        TaskCommand::Heartbeat(c) => match d.state.agents.get(&c.agent_id).map(|a| a.status) {
+            None => d.reject(command, format!("unknown agent {}", c.agent_id)),
+            Some(AgentStatus::Deregistered) => {
+                d.reject(command, format!("agent {} is deregistered", c.agent_id))
+            }
+            Some(_) => {
+                let mut event = d.event(E::AgentHeartbeat);
+                event.agent_id = Some(c.agent_id.clone());
+                d.emit(event);
+            }
+        },
+        TaskCommand::DeregisterAgent(c) => match d.state.agents.get(&c.agent_id).map(|a| a.status) {
+            None => d.reject(command, format!("unknown agent {}", c.agent_id)),
+            Some(AgentStatus::Deregistered) => {
+                d.reject(command, format!("agent {} is deregistered", c.agent_id))
+            }
+            Some(_) => {
+                let mut event = d.event(E::AgentDeregistered);
+                event.agent_id = Some(c.agent_id.clone());
+                d.emit(event);
+            }
+        },
+        TaskCommand::Delegate(c) => {
+            if d.state.tasks.contains_key(&c.task_id) {
+                d.reject(command, format!("task {} exists", c.task_id));
+            } else {
+                let payload = serde_json::from_str(&c.payload_json).unwrap_or(Value::Null);
+                d.accept_task(
+                    &c.task_id,
+                    c.workflow_id.as_deref(),
+                    None,
+                    &c.required_capabilities,
+                    payload,
+                    c.priority,
+                    c.timeout_ms,
+                    c.max_attempts,
+                    c.preferred_agent.as_deref(),
+                );
+            }
+        }
+        TaskCommand::Start(c) => match d.held_by(&c.task_id, &c.agent_id, &[TaskStatus::Assigned]) {
+            Err(reason) => d.reject(command, reason),
+            Ok(()) => {
+                let event = d.task_event(E::TaskStarted, &c.task_id);
+                d.emit(event);
+            }
+        },
+        TaskCommand::Complete(c) => {
+            match d.held_by(
+                &c.task_id,
+                &c.agent_id,
+                &[TaskStatus::Assigned, TaskStatus::Running],
+            ) {
+                Err(reason) => d.reject(command, reason),
+                Ok(()) => {
+                    let result: Value = serde_json::from_str(&c.result_json).unwrap_or(Value::Null);
+                    let duration = d.state.tasks.get(&c.task_id).map_or(0, |t| now - t.accepted_at);
+                    let mut event = d.task_event(E::TaskCompleted, &c.task_id);
+                    event.data_json = Some(json!({"result": result, "duration_ms": duration}).to_string());
+                    d.emit(event);
+                    if let Some(workflow) = d.state.tasks.get(&c.task_id).and_then(|t| t.workflow_id.clone())
+                    {
+                        d.advance_workflow(&workflow);
+                    }
+                }
+            }
+        }
+        TaskCommand::Fail(c) => {
+            match d.held_by(
+                &c.task_id,
+                &c.agent_id,
+                &[TaskStatus::Assigned, TaskStatus::Running],
+            ) {
+                Err(reason) => d.reject(command, reason),
+                Ok(()) => {
+                    let mut event = d.task_event(E::TaskFailed, &c.task_id);
+                    event.reason = Some(c.error.clone());
+                    event.data_json = Some(json!({"retriable": c.retriable}).to_string());
+                    d.emit(event);
+                    d.retry_or_dead_letter(&c.task_id, Some(c.agent_id.clone()), &c.error, c.retriable);
+                }
+            }
+        }
+        TaskCommand::Cancel(c) => match d.state.tasks.get(&c.task_id).map(|t| t.status) {
+            None => d.reject(command, format!("unknown task {}", c.task_id)),
+            Some(status) if status.is_terminal() => d.reject(
+                command,
+                format!("task {} is already {status:?}", c.task_id).to_lowercase(),
+            ),
+            Some(_) => {
+                let reason = c.reason.clone().unwrap_or_else(|| "cancelled".into());
+                let mut event = d.task_event(E::TaskCancelled, &c.task_id);
+                event.reason = Some(reason.clone());
+                d.emit(event);
+                d.fail_workflow_of(&c.task_id, &format!("cancelled: {reason}"));
+            }
+        },
+        TaskCommand::DefineTemplate(c) => {
+            let existing = d.state.templates.get(&c.name).and_then(|t| t.get(&c.version));
+            if let Some(existing) = existing {
+                if *existing != c.steps {
+                    d.reject(
+                        command,
+                        format!(
+                            "template {} version {} exists with other steps",
+                            c.name, c.version
+                        ),
+                    );
+                } else {
+                    d.reject(
+                        command,
+                        format!("template {} version {} exists", c.name, c.version),
+                    );
+                }
+            } else if let Err(reason) = check_dag(&c.steps) {
+                d.reject(command, reason);
+            } else {
+                let mut event = d.event(E::TemplateDefined);
+                event.data_json =
+                    Some(json!({"name": c.name, "version": c.version, "steps": c.steps}).to_string());
+                d.emit(event);
+            }
+        }
+        TaskCommand::StartWorkflow(c) => {
+            let version = d
+                .state
+                .templates
+                .get(&c.template)
+                .and_then(|versions| match c.template_version {
+                    Some(v) => versions.contains_key(&v).then_some(v),
+                    None => versions.keys().next_back().copied(),
+                });
+            if d.state.workflows.contains_key(&c.workflow_id) {
+                d.reject(command, format!("workflow {} exists", c.workflow_id));
+            } else if let Some(version) = version {
+                let input: Value = serde_json::from_str(&c.input_json).unwrap_or(Value::Null);
+                let mut event = d.event(E::WorkflowStarted);
+                event.workflow_id = Some(c.workflow_id.clone());
+                event.data_json = Some(
+                    json!({
+                        "template": c.template,
+                        "template_version": version,
+                        "input": input,
+                        "priority": c.priority,
+                    })
+                    .to_string(),
+                );
+                d.emit(event);
+                d.advance_workflow(&c.workflow_id);
+            } else {
+                d.reject(
+                    command,
+                    format!(
+                        "unknown template {} (version {:?})",
+                        c.template, c.template_version
+                    ),
+                );
+            }
+        }
+        TaskCommand::Tick(_) => {}
+    }
+    d.events
+}
+
+/// Decides what time and other partitions' events call for in `partition`: agents of this
+/// partition that missed their heartbeat are lost; tasks whose agent is lost or left, or
+/// whose attempt timed out, are re-delegated or dead-lettered; waiting tasks are assigned,
+/// highest priority first, each to the least loaded eligible agent (its preferred agent when
+/// that one is eligible; ties broken by agent id).
+pub fn reconcile(state: &mut State, rules: &Rules, partition: i32, now: i64) -> Vec<TaskEvent> {
+    let mut d = Decision::new(state, partition, now);
+
+    let lost: Vec<(String, i64)> = d
+        .state
+        .agents
+        .values()
+        .filter(|a| a.home == partition && a.status == AgentStatus::Alive)
+        .filter(|a| now - a.last_heartbeat > rules.heartbeat_window_ms)
+        .map(|a| (a.id.clone(), a.last_heartbeat))
+        .collect();
+    for (agent, last) in lost {
+        let mut event = d.event(E::AgentLost);
+        event.agent_id = Some(agent);
+        event.reason = Some(format!(
+            "no heartbeat for {} ms (window {} ms)",
+            now - last,
+            rules.heartbeat_window_ms
+        ));
+        d.emit(event);
+    }
+
+    let orphans: Vec<String> = d
+        .state
+        .orphans
+        .get(&partition)
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    for task_id in orphans {
+        let agent = d.state.tasks.get(&task_id).and_then(|t| t.agent.clone());
+        let status = agent
+            .as_ref()
+            .and_then(|a| d.state.agents.get(a))
+            .map(|a| a.status);
+        let reason = match status {
+            Some(AgentStatus::Deregistered) => "agent deregistered",
+            _ => "agent lost",
+        };
+        d.retry_or_dead_letter(&task_id, agent, reason, true);
+    }
+
+    let expired: Vec<String> = d
+        .state
+        .deadlines
+        .get(&partition)
+        .into_iter()
+        .flatten()
+        .take_while(|(deadline, _)| *deadline <= now)
+        .map(|(_, id)| id.clone())
+        .collect();
+    for task_id in expired {
+        let agent = d.state.tasks.get(&task_id).and_then(|t| t.agent.clone());
+        let timeout = d.state.tasks.get(&task_id).map_or(0, |t| t.timeout_ms);
+        let reason = format!("attempt timed out after {timeout} ms");
+        let mut event = d.task_event(E::TaskTimedOut, &task_id);
+        event.reason = Some(reason.clone());
+        d.emit(event);
+        d.retry_or_dead_letter(&task_id, agent, &reason, true);
+    }
+
+    assign_waiting(&mut d, rules);
+    d.events
+}
+
+fn assign_waiting(d: &mut Decision<'_>, rules: &Rules) {
+    let now = d.now;
+    let alive = |a: &crate::state::Agent| {
+        a.status == AgentStatus::Alive && now - a.last_heartbeat <= rules.heartbeat_window_ms
+    };
+    let waiting: Vec<String> = d
+        .state
+        .pending
+        .get(&d.partition)
+        .into_iter()
+        .flatten()
+        .map(|(_, _, id)| id.clone())
+        .collect();
+    for task_id in waiting {
+        if !d
+            .state
+            .agents
+            .values()
+            .any(|a| alive(a) && a.holding.len() < a.max_concurrent)
+        {
+            return;
+        }
+        let Some(task) = d.state.tasks.get(&task_id) else {
+            continue;
+        };
+        let eligible = |a: &&crate::state::Agent| {
+            alive(a) && a.holding.len() < a.max_concurrent && task.required.is_subset(&a.capabilities)
+        };
+        let preferred = task
+            .preferred_agent
+            .as_ref()
+            .and_then(|p| d.state.agents.get(p))
+            .filter(|a| eligible(a));
+        let chosen = preferred
+            .or_else(|| {
+                d.state
+                    .agents
+                    .values()
+                    .filter(eligible)
+                    .min_by_key(|a| (a.holding.len(), &a.id))
+            })
+            .map(|a| a.id.clone());
+        let Some(agent) = chosen else { continue };
+        let (payload, priority, attempt, deadline) = (
+            task.payload.clone(),
+            task.priority,
+            task.attempt + 1,
+            now.saturating_add(task.timeout_ms),
+        );
+        let mut event = d.task_event(E::TaskAssigned, &task_id);
+        event.agent_id = Some(agent);
+        event.attempt = Some(attempt);
+        event.data_json =
+            Some(json!({"payload": payload, "priority": priority, "deadline": deadline}).to_string());
+        d.emit(event);
+    }
+}
