@@ -10,3 +10,4 @@ mod observability;
 mod orchestrator;
 mod prometheus;
 mod replay;
+mod task_views;
