@@ -110,7 +110,11 @@ impl HotViews {
     /// Runs a pipeline of script calls, loading the scripts once when the server does not
     /// know them (first use, restart, SCRIPT FLUSH): a pipeline calls EVALSHA without
     /// falling back to EVAL.
-    pub(crate) async fn run(&self, pipe: &redis::Pipeline, scripts: &[&Script]) -> redis::RedisResult<Vec<i64>> {
+    pub(crate) async fn run(
+        &self,
+        pipe: &redis::Pipeline,
+        scripts: &[&Script],
+    ) -> redis::RedisResult<Vec<i64>> {
         let mut conn = self.conn.clone();
         match pipe.query_async(&mut conn).await {
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {

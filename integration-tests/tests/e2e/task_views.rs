@@ -793,3 +793,101 @@ async fn task_requests_are_validated_routed_and_answered() -> anyhow::Result<()>
     env.cleanup().await;
     Ok(())
 }
+
+/// Over HTTP only, with the orchestrator deciding: an agent registers, a task is delegated
+/// and shows up in its inbox, the agent starts and completes it, and the figures follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_takes_a_task_through_the_api() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let memos = MemosProcess::start(&env, "all", &[]).await?;
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: Value| http.post(memos.url(path)).json(&body).send();
+
+    let response = post(
+        "/v1/agents",
+        json!({"agent_id": "api-a1", "capabilities": ["summarize"], "max_concurrent": 2, "metadata": {"model": "small"}}),
+    )
+    .await?;
+    assert_eq!(response.status(), 202);
+    let response = post("/v1/agents/api-a1/heartbeat", json!({})).await?;
+    assert_eq!(response.status(), 202);
+    let response = post(
+        "/v1/tasks",
+        json!({"task_id": "api-t1", "required_capabilities": ["summarize"], "payload": {"text": "long"}, "priority": 3}),
+    )
+    .await?;
+    assert_eq!(response.status(), 202);
+    assert_eq!(response.json::<Value>().await?["task_id"], "api-t1");
+
+    let inbox = eventually("the task in the agent's inbox", WAIT, || async {
+        let (status, inbox) = get(&http, memos.url("/v1/agents/api-a1/inbox")).await?;
+        Ok((status == 200 && inbox["items"].as_array().is_some_and(|i| !i.is_empty())).then_some(inbox))
+    })
+    .await?;
+    assert_eq!(inbox["items"][0]["task_id"], "api-t1");
+    assert_eq!(inbox["items"][0]["payload"], json!({"text": "long"}));
+    assert_eq!(inbox["items"][0]["attempt"], 1);
+    assert_eq!(inbox["availability"]["load"], 1);
+
+    let response = post("/v1/tasks/api-t1/start", json!({"agent_id": "api-a1"})).await?;
+    assert_eq!(response.status(), 202);
+    // Another agent cannot complete it: the orchestrator rejects that, and says why.
+    let response = post("/v1/tasks/api-t1/complete", json!({"agent_id": "api-intruder"})).await?;
+    assert_eq!(response.status(), 202);
+    let response = post(
+        "/v1/tasks/api-t1/complete",
+        json!({"agent_id": "api-a1", "result": {"summary": "short"}}),
+    )
+    .await?;
+    assert_eq!(response.status(), 202);
+
+    let task = eventually("the task to be completed", WAIT, || async {
+        let (_, task) = get(&http, memos.url("/v1/tasks/api-t1")).await?;
+        Ok((task["status"] == "completed").then_some(task))
+    })
+    .await?;
+    assert_eq!(task["result"], json!({"summary": "short"}));
+    assert_eq!(task["agent_id"], "api-a1");
+    let types: Vec<&str> = task["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        vec![
+            "TASK_ACCEPTED",
+            "TASK_ASSIGNED",
+            "TASK_STARTED",
+            "COMMAND_REJECTED",
+            "TASK_COMPLETED"
+        ]
+    );
+    assert_eq!(task["events"][3]["command_type"], "CompleteTask");
+    assert!(
+        task["events"][3]["reason"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty())
+    );
+
+    let stats = eventually("the figures to include the completion", WAIT, || async {
+        let (_, stats) = get(&http, memos.url("/v1/orchestrator/stats")).await?;
+        Ok((stats["tasks"]["completed"] == 1).then_some(stats))
+    })
+    .await?;
+    assert_eq!(stats["total_tasks_delegated"], 1);
+    assert!(
+        stats["average_completion_ms"]
+            .as_f64()
+            .is_some_and(|ms| ms >= 0.0),
+        "{stats}"
+    );
+    assert_eq!(
+        stats["agents"],
+        json!([{"agent_id": "api-a1", "status": "alive", "load": 0, "max_concurrent": 2}])
+    );
+    until_inbox(&env, "api-a1", &[]).await?;
+    env.cleanup().await;
+    Ok(())
+}
