@@ -593,3 +593,191 @@ fn assign_waiting(d: &mut Decision<'_>, rules: &Rules) {
         d.emit(event);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use memos_schemas::task::{DelegateTask, RegisterAgent};
+
+    use super::*;
+
+    const RULES: Rules = Rules {
+        heartbeat_window_ms: 10_000,
+    };
+
+    fn id(n: u64) -> String {
+        uuid::Uuid::from_u128(u128::from(n) + 1).to_string()
+    }
+
+    fn agent(n: u64, name: &str, max: i32) -> TaskCommand {
+        TaskCommand::RegisterAgent(RegisterAgent {
+            command_id: id(n),
+            actor: name.into(),
+            issued_at: 0,
+            traceparent: None,
+            agent_id: name.into(),
+            capabilities: vec!["x".into()],
+            max_concurrent: max,
+            metadata_json: "{}".into(),
+        })
+    }
+
+    fn task(n: u64, name: &str, priority: i32, timeout_ms: i64, max_attempts: i32) -> TaskCommand {
+        TaskCommand::Delegate(DelegateTask {
+            command_id: id(n),
+            actor: "t".into(),
+            issued_at: 0,
+            traceparent: None,
+            task_id: name.into(),
+            required_capabilities: vec!["x".into()],
+            payload_json: "{}".into(),
+            priority,
+            timeout_ms,
+            max_attempts,
+            preferred_agent: None,
+            workflow_id: None,
+        })
+    }
+
+    /// Decides `commands` in partition 0 at time 1000, reconciling after each.
+    fn run(state: &mut State, commands: &[TaskCommand]) -> Vec<TaskEvent> {
+        let mut events = Vec::new();
+        for command in commands {
+            events.extend(decide(state, 0, 1000, command));
+            events.extend(reconcile(state, &RULES, 0, 1000));
+        }
+        events
+    }
+
+    fn assignments(events: &[TaskEvent]) -> Vec<(String, String, i32)> {
+        events
+            .iter()
+            .filter(|e| e.event_type == E::TaskAssigned)
+            .map(|e| {
+                (
+                    e.task_id.clone().unwrap(),
+                    e.agent_id.clone().unwrap(),
+                    e.attempt.unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn same_log_gives_same_decisions_and_the_fold_of_them_gives_the_same_state() {
+        let commands = vec![
+            task(1, "t1", 0, 60_000, 3),
+            agent(2, "a", 2),
+            task(3, "t2", 1, 60_000, 3),
+            agent(4, "b", 2),
+            task(5, "t3", 0, 60_000, 3),
+        ];
+        let (mut one, mut two) = (State::new(), State::new());
+        let first = run(&mut one, &commands);
+        assert_eq!(first, run(&mut two, &commands));
+        let mut rebuilt = State::new();
+        for event in &first {
+            rebuilt.apply(0, event);
+        }
+        for (name, task) in &one.tasks {
+            let again = &rebuilt.tasks[name];
+            assert_eq!(
+                (task.status, &task.agent, task.attempt),
+                (again.status, &again.agent, again.attempt)
+            );
+        }
+        assert_eq!(one.stats, rebuilt.stats);
+        assert_eq!(rebuilt.next_event_id(0), one.next_event_id(0));
+    }
+
+    #[test]
+    fn waiting_tasks_go_by_priority_to_the_least_loaded_agent_ties_by_id() {
+        let mut state = State::new();
+        let mut events = Vec::new();
+        for (n, (name, priority)) in [("low", 0), ("high", 5), ("high2", 5), ("mid", 2)]
+            .iter()
+            .enumerate()
+        {
+            events.extend(decide(
+                &mut state,
+                0,
+                1000,
+                &task(n as u64, name, *priority, 60_000, 3),
+            ));
+        }
+        assert!(
+            assignments(&reconcile(&mut state, &RULES, 0, 1000)).is_empty(),
+            "no agent yet"
+        );
+        decide(&mut state, 0, 1000, &agent(10, "b", 2));
+        decide(&mut state, 0, 1000, &agent(11, "a", 2));
+        let assigned = assignments(&reconcile(&mut state, &RULES, 0, 1000));
+        let expected = [("high", "a"), ("high2", "b"), ("mid", "a"), ("low", "b")];
+        let expected: Vec<_> = expected
+            .iter()
+            .map(|(t, a)| (t.to_string(), a.to_string(), 1))
+            .collect();
+        assert_eq!(assigned, expected);
+    }
+
+    #[test]
+    fn timeouts_redelegate_then_dead_letter_after_max_attempts() {
+        let mut state = State::new();
+        run(&mut state, &[agent(1, "a", 1), task(2, "t", 0, 100, 2)]);
+        let events = reconcile(&mut state, &RULES, 0, 1101);
+        let kinds: Vec<E> = events.iter().map(|e| e.event_type).collect();
+        assert_eq!(kinds, [E::TaskTimedOut, E::TaskRedelegated, E::TaskAssigned]);
+        assert_eq!(assignments(&events), [("t".to_owned(), "a".to_owned(), 2)]);
+        let events = reconcile(&mut state, &RULES, 0, 1202);
+        let kinds: Vec<E> = events.iter().map(|e| e.event_type).collect();
+        assert_eq!(kinds, [E::TaskTimedOut, E::TaskDeadLettered]);
+        assert!(events[1].reason.as_deref().unwrap().contains("max attempts (2)"));
+        assert_eq!(
+            state.agents["a"].holding.len(),
+            0,
+            "the dead letter frees the agent"
+        );
+    }
+
+    #[test]
+    fn a_retried_command_is_a_no_op_and_a_silent_agent_is_lost() {
+        let mut state = State::new();
+        let delegate = task(1, "t", 0, 60_000, 3);
+        run(&mut state, &[agent(2, "a", 1), delegate.clone()]);
+        assert!(decide(&mut state, 0, 1000, &delegate).is_empty());
+        let events = reconcile(&mut state, &RULES, 0, 1000 + RULES.heartbeat_window_ms + 1);
+        let kinds: Vec<E> = events.iter().map(|e| e.event_type).collect();
+        assert_eq!(
+            kinds,
+            [E::AgentLost, E::TaskRedelegated],
+            "no agent left to take it"
+        );
+        assert_eq!(state.pending_count(0), 1);
+    }
+
+    #[test]
+    fn cycles_and_unknown_dependencies_are_rejected() {
+        let step = |id: &str, deps: &[&str]| WorkflowStep {
+            step_id: id.into(),
+            capability: "x".into(),
+            depends_on: deps.iter().map(|d| d.to_string()).collect(),
+            timeout_ms: 1,
+            max_attempts: 1,
+        };
+        assert!(check_dag(&[step("a", &[]), step("b", &["a"]), step("c", &["a", "b"])]).is_ok());
+        assert!(
+            check_dag(&[step("a", &["c"]), step("b", &["a"]), step("c", &["b"])])
+                .unwrap_err()
+                .contains("cycle")
+        );
+        assert!(
+            check_dag(&[step("a", &["z"])])
+                .unwrap_err()
+                .contains("unknown step z")
+        );
+        assert!(
+            check_dag(&[step("a", &[]), step("a", &[])])
+                .unwrap_err()
+                .contains("unique")
+        );
+    }
+}
