@@ -891,3 +891,38 @@ async fn an_agent_takes_a_task_through_the_api() -> anyhow::Result<()> {
     env.cleanup().await;
     Ok(())
 }
+
+/// An older snapshot of an agent never replaces a newer one in Redis, whichever writer is late.
+#[tokio::test]
+async fn an_older_agent_snapshot_never_lands() -> anyhow::Result<()> {
+    use memos_redis::HotViews;
+    use memos_redis::tasks::AgentWrite;
+
+    let env = TestEnv::new().await?;
+    let hot = HotViews::connect(&env.redis_url, &env.redis_prefix, Duration::from_secs(60)).await?;
+    let write = |revision: i64, inbox: &str, availability: Option<&str>| AgentWrite {
+        agent_id: "g-a1",
+        revision,
+        inbox: inbox.to_owned(),
+        availability: availability.map(str::to_owned),
+    };
+    assert_eq!(
+        hot.put_agents(&[write(5, r#"[{"task_id":"t5"}]"#, Some(r#"{"load":1}"#))])
+            .await?,
+        1
+    );
+    // A late writer holding revision 4, and the same revision again: both refused.
+    assert_eq!(
+        hot.put_agents(&[write(4, "[]", Some(r#"{"load":0}"#)), write(5, "[]", None)])
+            .await?,
+        0
+    );
+    assert_eq!(hot.inbox("g-a1").await?.as_deref(), Some(r#"[{"task_id":"t5"}]"#));
+    assert_eq!(hot.availability("g-a1").await?.as_deref(), Some(r#"{"load":1}"#));
+    // A newer snapshot without an agent row (never registered) drops the availability.
+    assert_eq!(hot.put_agents(&[write(6, "[]", None)]).await?, 1);
+    assert_eq!(hot.inbox("g-a1").await?.as_deref(), Some("[]"));
+    assert_eq!(hot.availability("g-a1").await?, None);
+    env.cleanup().await;
+    Ok(())
+}
