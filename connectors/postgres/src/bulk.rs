@@ -80,6 +80,16 @@ pub async fn schema_exists(pool: &PgPool, schema: &str) -> Result<bool, sqlx::Er
 /// (`public` holds the `vector` extension); the connection is closed afterwards.
 pub async fn create_schema(pool: &PgPool, url: &str, schema: &str, replace: bool) -> Result<(), BulkError> {
     check_schema_name(schema)?;
+    // The live schema first: it then names itself in memos_control.active_view, so that the
+    // migrations run inside the new schema below cannot make that one active.
+    crate::pool::migrate(pool).await?;
+    let (plain,): (bool,) = sqlx::query_as("SELECT quote_ident($1) = $1")
+        .bind(schema)
+        .fetch_one(pool)
+        .await?;
+    if !plain {
+        return Err(BulkError::SchemaName(schema.to_owned()));
+    }
     if current_schema(pool).await? == schema {
         return Err(BulkError::SchemaLive(schema.to_owned()));
     }

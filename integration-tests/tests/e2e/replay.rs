@@ -66,15 +66,20 @@ async fn produce(env: &TestEnv, key: &str, payload: &[u8]) -> anyhow::Result<(i3
 
 /// Waits until the live projector has applied every record of the command topic.
 async fn caught_up(env: &TestEnv) -> anyhow::Result<()> {
+    caught_up_in(env, "public").await
+}
+
+/// Waits until the views in `schema` have applied every record of the command topic.
+async fn caught_up_in(env: &TestEnv, schema: &str) -> anyhow::Result<()> {
     eventually("the projector to apply the whole log", Duration::from_secs(60), || async {
         let end: i64 = env
             .high_watermarks(&env.commands_topic)?
             .iter()
             .map(|(_, high)| high)
             .sum();
-        let (applied,): (Option<i64>,) = sqlx::query_as(
-            "SELECT sum(next_offset)::bigint FROM projection_offsets WHERE projection = 'memory' AND topic = $1",
-        )
+        let (applied,): (Option<i64>,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT sum(next_offset)::bigint FROM {schema}.projection_offsets WHERE projection = 'memory' AND topic = $1"
+        )))
         .bind(&env.commands_topic)
         .fetch_one(&env.pool)
         .await?;
@@ -245,6 +250,14 @@ async fn rebuild_into_a_fresh_schema_verifies_equal_and_verify_reports_altered_r
     let (code, _, err) = memosctl(&env, &["replay", "--into", "rebuilt"])?;
     assert_ne!(code, 0);
     assert!(err.contains("E_SCHEMA_EXISTS"), "{err}");
+    for bad in ["check", "public", "Bad-Name"] {
+        let (code, _, err) = memosctl(&env, &["replay", "--into", bad])?;
+        assert_ne!(code, 0);
+        assert!(
+            err.contains("E_SCHEMA_NAME") || err.contains("E_SCHEMA_LIVE"),
+            "{bad}: {err}"
+        );
+    }
     memosctl_ok(
         &env,
         &["replay", "--into", "rebuilt", "--replace", "--chunk", "100000"],
@@ -307,6 +320,51 @@ async fn rebuild_into_a_fresh_schema_verifies_equal_and_verify_reports_altered_r
     let (code, _, err) = memosctl(&env, &["replay", "--projection", "tasks", "--into", "t"])?;
     assert_ne!(code, 0);
     assert!(err.contains("E_UNAVAILABLE"), "{err}");
+
+    // Redis lost everything: `cache rebuild` refills it from PostgreSQL.
+    let mut redis = redis::Client::open(env.redis_url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:*", env.redis_prefix))
+        .query_async(&mut redis)
+        .await?;
+    assert!(!keys.is_empty());
+    let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await?;
+    let out = memosctl_ok(&env, &["cache", "rebuild"])?;
+    assert!(out.contains("12 memories read"), "{out}");
+    for (i, id) in ids.iter().enumerate() {
+        let doc: Option<String> = redis::cmd("HGET")
+            .arg(format!("{}:memory:{id}", env.redis_prefix))
+            .arg("doc")
+            .query_async(&mut redis)
+            .await?;
+        if i >= 9 {
+            assert_eq!(doc, None, "forgotten memory {id} is not cached");
+            continue;
+        }
+        let cached: Value = serde_json::from_str(&doc.expect("cached"))?;
+        let (row,): (Value,) = sqlx::query_as(
+            "SELECT to_jsonb(m) - 'content_tsv' FROM (SELECT memory_id, namespace, content, tier, tags, metadata,
+                    importance, expires_at, embedding::real[] AS embedding, source, version, actor, created_by,
+                    created_at, updated_at, forgotten_at, log_partition, log_offset FROM memories) m
+             WHERE memory_id = $1::uuid",
+        )
+        .bind(id)
+        .fetch_one(&env.pool)
+        .await?;
+        assert_eq!(cached["content"], row["content"]);
+        assert_eq!(cached["version"], row["version"]);
+        assert_eq!(cached["metadata"], row["metadata"]);
+        assert_eq!(cached["log_offset"], row["log_offset"]);
+    }
+    let recent = api.get("/v1/agents/agent-a/recent", None, None).await?;
+    assert_eq!(recent.status, 200, "{}", recent.body);
+    let positions: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:position:*", env.redis_prefix))
+        .query_async(&mut redis)
+        .await?;
+    assert!(!positions.is_empty(), "read-your-writes positions restored");
     drop(memos);
     env.cleanup().await;
     Ok(())
@@ -684,4 +742,172 @@ fn hex_decode(text: &str) -> Vec<u8> {
         .step_by(2)
         .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
         .collect()
+}
+
+/// What the load loop saw.
+#[derive(Default)]
+struct Load {
+    writes: usize,
+    writes_after_promote: usize,
+    failures: Vec<String>,
+    written: Vec<(String, String, String)>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promote_under_load_switches_every_process_and_loses_no_request() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let memos = MemosProcess::start(&env, "all", &[]).await?;
+    let api = Api::new(memos.base_url.as_deref().unwrap());
+    busy_log(&env, &api).await?;
+    memosctl_ok(&env, &["replay", "--into", "rebuilt"])?;
+    memosctl_ok(&env, &["verify", "rebuilt"])?;
+
+    // Writes and reads-after-write keep coming while the views are switched.
+    let promoted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (api, promoted) = (api.clone(), promoted.clone());
+        tokio::spawn(async move {
+            let mut load = Load::default();
+            let mut i = 0;
+            while load.writes_after_promote < 40 && i < 2000 {
+                i += 1;
+                let agent = ["agent-a", "agent-b", "agent-c"][i % 3];
+                let content = format!("under load {i}");
+                let after = promoted.load(std::sync::atomic::Ordering::SeqCst);
+                let answer = match api
+                    .post(
+                        "/v1/memories",
+                        json!({"agent_id": agent, "content": content, "tier": "episodic"}),
+                        None,
+                    )
+                    .await
+                {
+                    Ok(a) => a,
+                    Err(e) => {
+                        load.failures.push(format!("write {i}: {e}"));
+                        continue;
+                    }
+                };
+                if answer.status != 202 {
+                    load.failures
+                        .push(format!("write {i}: {} {}", answer.status, answer.body));
+                    continue;
+                }
+                load.writes += 1;
+                if after {
+                    load.writes_after_promote += 1;
+                }
+                let position = answer.body["position"].as_str().unwrap_or_default().to_owned();
+                let memory_id = answer.body["memory_id"].as_str().unwrap_or_default().to_owned();
+                // Read your write from PostgreSQL (the listing and the command status).
+                let page = api
+                    .get(
+                        &format!("/v1/agents/{agent}/memories?limit=5"),
+                        Some(agent),
+                        Some(&position),
+                    )
+                    .await;
+                match page {
+                    Ok(p)
+                        if p.status == 200
+                            && p.body["items"].as_array().is_some_and(|items| {
+                                items.iter().any(|m| m["memory_id"] == memory_id.as_str())
+                            }) => {}
+                    Ok(p) => load
+                        .failures
+                        .push(format!("read after write {i}: {} {}", p.status, p.body)),
+                    Err(e) => load.failures.push(format!("read after write {i}: {e}")),
+                }
+                let status = api
+                    .get(
+                        &format!(
+                            "/v1/commands/{}",
+                            answer.body["command_id"].as_str().unwrap_or_default()
+                        ),
+                        None,
+                        Some(&position),
+                    )
+                    .await;
+                match status {
+                    Ok(s) if s.status == 200 && s.body["status"] == "applied" => {}
+                    Ok(s) => load
+                        .failures
+                        .push(format!("status of write {i}: {} {}", s.status, s.body)),
+                    Err(e) => load.failures.push(format!("status of write {i}: {e}")),
+                }
+                load.written.push((agent.to_owned(), memory_id, content));
+            }
+            load
+        })
+    };
+    // Switch once the load is under way.
+    eventually("writes under load", Duration::from_secs(60), || async {
+        let (count,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM memories WHERE content LIKE 'under load %'")
+                .fetch_one(&env.pool)
+                .await?;
+        Ok((count >= 20).then_some(()))
+    })
+    .await?;
+    let out = {
+        let env_vars = env.process_env();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(process::binary("memosctl")?)
+                .args(["promote", "rebuilt"])
+                .envs(env_vars)
+                .output()
+                .map_err(anyhow::Error::from)
+        })
+        .await??
+    };
+    promoted.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        out.status.success(),
+        "promote failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let load = load.await?;
+    assert!(
+        load.failures.is_empty(),
+        "requests failed during the switch: {:#?}",
+        load.failures
+    );
+    assert!(
+        load.writes_after_promote >= 40 && load.writes > 60,
+        "{} writes",
+        load.writes
+    );
+    let (active,): (String,) = sqlx::query_as("SELECT schema_name FROM memos_control.active_view")
+        .fetch_one(&env.pool)
+        .await?;
+    assert_eq!(active, "rebuilt");
+
+    // Every write is in the promoted views exactly once, and the old views stopped moving.
+    caught_up_in(&env, "rebuilt").await?;
+    for (agent, memory_id, content) in &load.written {
+        let (found,): (String,) = sqlx::query_as(
+            "SELECT content FROM rebuilt.memories WHERE memory_id = $1::uuid AND namespace = $2",
+        )
+        .bind(memory_id)
+        .bind(agent)
+        .fetch_one(&env.pool)
+        .await?;
+        assert_eq!(&found, content);
+    }
+    let (in_public,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM public.memories WHERE content LIKE 'under load %'")
+            .fetch_one(&env.pool)
+            .await?;
+    assert!(
+        (in_public as usize) < load.written.len(),
+        "the old schema no longer receives writes"
+    );
+    // A fresh replay of the whole log equals the promoted views: nothing lost, nothing twice.
+    memosctl_ok(&env, &["replay", "--into", "recheck"])?;
+    let out = memosctl_ok(&env, &["verify", "recheck"])?;
+    assert!(out.contains("equal: recheck matches rebuilt"), "{out}");
+    drop(memos);
+    env.cleanup().await;
+    Ok(())
 }

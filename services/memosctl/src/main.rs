@@ -3,10 +3,12 @@
 
 mod audit;
 mod bench;
+mod cache;
 mod dlq;
 mod export;
 mod lag;
 mod logread;
+mod promote;
 mod replay;
 mod topics;
 mod verify;
@@ -55,6 +57,13 @@ enum Command {
     Replay(replay::ReplayArgs),
     /// Compares a rebuilt schema's views with the live ones (exit 2 when they differ).
     Verify(verify::VerifyArgs),
+    /// Makes a rebuilt schema the active views of every process, atomically.
+    Promote(promote::PromoteArgs),
+    /// Redis hot views: refill them from PostgreSQL.
+    Cache {
+        #[command(subcommand)]
+        command: cache::CacheCommand,
+    },
     /// Command topics: check that their retention keeps the history forever.
     Topics {
         #[command(subcommand)]
@@ -75,5 +84,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Replay(args) => replay::run(&config, args).await,
         Command::Verify(args) => verify::run(&config, args).await,
         Command::Topics { command } => topics::run(&config, command).await,
+        Command::Cache { command } => cache::run(&config, command).await,
+        Command::Promote(args) => promote::run(&config, args).await,
     }
 }

@@ -258,10 +258,10 @@ async fn run_isolated(
     })
 }
 
-struct Produced {
-    seconds: f64,
-    bytes: u64,
-    mix: Mix,
+pub(super) struct Produced {
+    pub seconds: f64,
+    pub bytes: u64,
+    pub mix: Mix,
 }
 
 /// Counts delivery reports.
@@ -296,6 +296,32 @@ impl ProducerContext for Deliveries {
 /// Generates and produces the commands as fast as the producer takes them, with the headers
 /// the API sets; key = namespace, as the API does.
 async fn produce(config: &Config, topic: &str, args: &Args, dims: usize) -> anyhow::Result<Produced> {
+    let spec = Backlog {
+        events: args.events,
+        seed: args.seed,
+        namespaces: args.namespaces,
+        embedding_fraction: args.embedding_fraction,
+        dimensions: dims,
+    };
+    produce_backlog(config, topic, &spec).await
+}
+
+/// What [`produce_backlog`] generates.
+pub(super) struct Backlog {
+    pub events: u64,
+    pub seed: u64,
+    pub namespaces: usize,
+    pub embedding_fraction: f64,
+    pub dimensions: usize,
+}
+
+/// Produces `spec.events` seeded commands to `topic` and waits for every acknowledgement.
+pub(super) async fn produce_backlog(
+    config: &Config,
+    topic: &str,
+    spec: &Backlog,
+) -> anyhow::Result<Produced> {
+    let dims = spec.dimensions;
     let mut client = memos_kafka::client::base_config(&config.kafka, "bench-producer");
     client
         .set("enable.idempotence", "true")
@@ -308,7 +334,7 @@ async fn produce(config: &Config, topic: &str, args: &Args, dims: usize) -> anyh
     let producer: ThreadedProducer<Deliveries> = client.create_with_context(Deliveries::default())?;
     let topic = topic.to_owned();
     let (events, seed, namespaces, fraction) =
-        (args.events, args.seed, args.namespaces, args.embedding_fraction);
+        (spec.events, spec.seed, spec.namespaces, spec.embedding_fraction);
     tokio::task::spawn_blocking(move || {
         let mut generator = Generator::new(seed, namespaces, dims).with_embedding_fraction(fraction);
         let start = Instant::now();
