@@ -629,6 +629,17 @@ async fn task_requests_are_validated_routed_and_answered() -> anyhow::Result<()>
         assert_eq!(response.json::<Value>().await?["code"], "unauthorized");
     }
 
+    // Rows as the projector would have left them: a finished task, a workflow, a template.
+    sqlx::raw_sql(
+        "INSERT INTO tasks (task_id, status, attempt, priority, updated_at, log_partition, log_offset)
+             VALUES ('done-1', 'completed', 1, 0, now(), 0, 0);
+         INSERT INTO workflows (workflow_id, template, status, priority, started_at, updated_at,
+                                log_partition, log_offset)
+             VALUES ('wf-1', 'etl', 'running', 0, now(), now(), 0, 0);
+         INSERT INTO workflow_templates (name, version, steps, defined_at) VALUES ('etl', 1, '[]', now())",
+    )
+    .execute(&env.pool)
+    .await?;
     let big = "x".repeat(70 * 1024);
     let cases = [
         ("/v1/agents", "{not json".to_owned(), 400, "malformed_json", None),
@@ -733,6 +744,36 @@ async fn task_requests_are_validated_routed_and_answered() -> anyhow::Result<()>
             None,
         ),
         ("/v1/tasks/nope/cancel", String::new(), 404, "not_found", None),
+        // What the orchestrator could only reject, from a request that cannot be a retry.
+        (
+            "/v1/tasks",
+            json!({"task_id": "done-1"}).to_string(),
+            409,
+            "conflict",
+            None,
+        ),
+        (
+            "/v1/tasks/done-1/complete",
+            json!({"agent_id": "a"}).to_string(),
+            409,
+            "conflict",
+            None,
+        ),
+        ("/v1/tasks/done-1/cancel", String::new(), 409, "conflict", None),
+        (
+            "/v1/workflows",
+            json!({"workflow_id": "wf-1", "template": "etl"}).to_string(),
+            409,
+            "conflict",
+            None,
+        ),
+        (
+            "/v1/workflow-templates",
+            json!({"name": "etl", "steps": [{"step_id": "a", "capability": "c"}]}).to_string(),
+            409,
+            "conflict",
+            None,
+        ),
         (
             "/v1/agents/a/heartbeat",
             "{not json".to_owned(),
@@ -816,6 +857,10 @@ async fn task_requests_are_validated_routed_and_answered() -> anyhow::Result<()>
         accepted["offset"].as_i64().unwrap(),
     )?;
     assert_eq!(key, "w9");
+
+    // With a command id it may be a retry of an accepted command: appended, the orchestrator decides.
+    let retry = json!({"reason": "stop", "command_id": uuid::Uuid::now_v7()}).to_string();
+    assert_eq!(post("/v1/tasks/done-1/cancel", retry).await?.status(), 202);
 
     let response = post("/v1/agents/a7/heartbeat", String::new()).await?;
     assert_eq!(response.status(), 202);

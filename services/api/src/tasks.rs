@@ -9,7 +9,10 @@
 //! result), `GET /v1/orchestrator/stats`.
 //!
 //! Commands about an existing task are routed to the partition of its workflow, so the API
-//! looks the task up first: a task the views do not know yet answers `404`. The orchestrator
+//! looks the task up first: a task the views do not know yet answers `404`. As for memories,
+//! what the orchestrator could only reject answers `409` when the request carries no
+//! `command_id` (so it cannot be a retry): a client-chosen task, workflow or template version
+//! that exists, a command about a finished task. The orchestrator
 //! decides every command in log order; one it refuses shows up as a `COMMAND_REJECTED` event
 //! in the task's history. Task ids of workflow steps contain a `/` (`<workflow>/<step>`):
 //! send it percent-encoded (`%2F`) in paths.
@@ -289,6 +292,15 @@ pub async fn delegate(
 ) -> Answer {
     let Json(request) = body?;
     let h = commands::header(&headers, "api", request.command_id)?;
+    if let (Some(task_id), None) = (&request.task_id, request.command_id) {
+        // A client-chosen id without a command id cannot be a retry of an accepted delegation.
+        if read("task_lookup", "the task", tasks::task(&state.pool, task_id))
+            .await?
+            .is_some()
+        {
+            return Err(conflict(format!("task {task_id} exists")));
+        }
+    }
     let task_id = request.task_id.unwrap_or_else(|| Uuid::now_v7().to_string());
     let command = TaskCommand::Delegate(DelegateTask {
         command_id: h.command_id,
@@ -331,11 +343,23 @@ pub async fn task(
     Ok(Json(TaskWithHistory { task, events }))
 }
 
-/// The workflow of a known task (for the command's routing key), or `404`.
-async fn known_task(state: &AppState, task_id: &str) -> Result<TaskRow, ApiError> {
-    read("task_lookup", "the task", tasks::task(&state.pool, task_id))
+/// A known task (its workflow is the command's routing key), or `404`.
+///
+/// Without a `command_id` (so the request cannot be a retry of one already applied), a task
+/// that has finished (completed, dead-lettered, cancelled) answers `409`: views only move
+/// forward, so the orchestrator could only reject the command.
+async fn known_task(state: &AppState, task_id: &str, command_id: Option<Uuid>) -> Result<TaskRow, ApiError> {
+    let task = read("task_lookup", "the task", tasks::task(&state.pool, task_id))
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("no task {task_id}")))
+        .ok_or_else(|| ApiError::not_found(format!("no task {task_id}")))?;
+    if command_id.is_none() && ["completed", "dead_lettered", "cancelled"].contains(&task.status.as_str()) {
+        return Err(conflict(format!("task {task_id} is already {}", task.status)));
+    }
+    Ok(task)
+}
+
+fn conflict(message: String) -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, "conflict", message)
 }
 
 fn task_ids(task: &TaskRow, agent_id: Option<String>) -> TaskIds {
@@ -362,7 +386,7 @@ pub async fn start(
 ) -> Answer {
     let Json(request) = body?;
     let h = commands::header(&headers, &request.agent_id, request.command_id)?;
-    let task = known_task(&state, &id).await?;
+    let task = known_task(&state, &id, request.command_id).await?;
     let command = TaskCommand::Start(StartTask {
         command_id: h.command_id,
         actor: h.actor,
@@ -407,7 +431,7 @@ pub async fn complete(
         result_json: result_json.clone(),
     })
     .validate()?;
-    let task = known_task(&state, &id).await?;
+    let task = known_task(&state, &id, request.command_id).await?;
     let command = TaskCommand::Complete(CompleteTask {
         command_id: h.command_id,
         actor: h.actor,
@@ -442,7 +466,7 @@ pub async fn fail(
 ) -> Answer {
     let Json(request) = body?;
     let h = commands::header(&headers, &request.agent_id, request.command_id)?;
-    let task = known_task(&state, &id).await?;
+    let task = known_task(&state, &id, request.command_id).await?;
     let command = TaskCommand::Fail(FailTask {
         command_id: h.command_id,
         actor: h.actor,
@@ -475,7 +499,7 @@ pub async fn cancel(
 ) -> Answer {
     let request: CancelRequest = optional_body(body)?;
     let h = commands::header(&headers, "api", request.command_id)?;
-    let task = known_task(&state, &id).await?;
+    let task = known_task(&state, &id, request.command_id).await?;
     let command = TaskCommand::Cancel(CancelTask {
         command_id: h.command_id,
         actor: h.actor,
@@ -523,13 +547,28 @@ pub async fn define_template(
 ) -> Answer {
     let Json(request) = body?;
     let h = commands::header(&headers, "api", request.command_id)?;
+    let version = request.version.unwrap_or(1);
+    if request.command_id.is_none()
+        && read(
+            "template",
+            "the template",
+            tasks::template(&state.pool, &request.name, Some(version)),
+        )
+        .await?
+        .is_some()
+    {
+        return Err(conflict(format!(
+            "workflow template {} version {version} exists",
+            request.name
+        )));
+    }
     let command = TaskCommand::DefineTemplate(DefineWorkflowTemplate {
         command_id: h.command_id,
         actor: h.actor,
         issued_at: h.issued_at,
         traceparent: h.traceparent,
         name: request.name,
-        version: request.version.unwrap_or(1),
+        version,
         steps: request
             .steps
             .into_iter()
@@ -593,6 +632,17 @@ pub async fn start_workflow(
 ) -> Answer {
     let Json(request) = body?;
     let h = commands::header(&headers, "api", request.command_id)?;
+    if let (Some(workflow_id), None) = (&request.workflow_id, request.command_id)
+        && read(
+            "workflow",
+            "the workflow",
+            tasks::workflow(&state.pool, workflow_id),
+        )
+        .await?
+        .is_some()
+    {
+        return Err(conflict(format!("workflow {workflow_id} exists")));
+    }
     let workflow_id = request.workflow_id.unwrap_or_else(|| Uuid::now_v7().to_string());
     let command = TaskCommand::StartWorkflow(StartWorkflow {
         command_id: h.command_id,
