@@ -5,6 +5,9 @@
 //! owner appends a `Tick` every tick interval so that it advances when nothing else happens).
 //! Given the same state, commands and clock, the decisions are the same (see the tests).
 
+use std::cmp::Reverse;
+use std::ops::Bound;
+
 use memos_schemas::task::{TaskCommand, TaskEvent, TaskEventType as E, WorkflowStep};
 use serde_json::{Value, json};
 
@@ -541,15 +544,11 @@ fn assign_waiting(d: &mut Decision<'_>, rules: &Rules) {
     let alive = |a: &crate::state::Agent| {
         a.status == AgentStatus::Alive && now - a.last_heartbeat <= rules.heartbeat_window_ms
     };
-    let waiting: Vec<String> = d
-        .state
-        .pending
-        .get(&d.partition)
-        .into_iter()
-        .flatten()
-        .map(|(_, _, id)| id.clone())
-        .collect();
-    for task_id in waiting {
+    // A cursor over the waiting set (it changes as tasks are assigned): tasks without an
+    // eligible agent stay behind it, and the walk stops as soon as no agent has a free slot,
+    // so a long queue with no capacity costs nothing.
+    let mut after: Option<(Reverse<i32>, u64, String)> = None;
+    loop {
         if !d
             .state
             .agents
@@ -558,6 +557,18 @@ fn assign_waiting(d: &mut Decision<'_>, rules: &Rules) {
         {
             return;
         }
+        let Some(waiting) = d.state.pending.get(&d.partition) else {
+            return;
+        };
+        let next = match &after {
+            None => waiting.iter().next(),
+            Some(key) => waiting
+                .range((Bound::Excluded(key.clone()), Bound::Unbounded))
+                .next(),
+        };
+        let Some(key) = next.cloned() else { return };
+        let task_id = key.2.clone();
+        after = Some(key);
         let Some(task) = d.state.tasks.get(&task_id) else {
             continue;
         };

@@ -3,6 +3,7 @@
 //! - `bench projector`: a backlog of realistic memory commands, the projector catching up on
 //!   it, and two references on the same rows: a plain `COPY` (the ceiling) and one
 //!   transaction per record (what a hand-written consumer does).
+//! - `bench orchestrator`: task delegations from command to visible assignment.
 //! - `bench e2e`: open-loop writes over HTTP at a fixed rate, and the time from publish to
 //!   visible.
 //! - `bench replay`: rebuilding the memory views from a backlog into a fresh schema.
@@ -13,6 +14,7 @@
 
 mod commands;
 mod e2e;
+mod orchestrator;
 mod projector;
 mod replay;
 mod sys;
@@ -37,6 +39,8 @@ pub enum Bench {
     Projector(projector::Args),
     /// Publish-to-visible freshness over HTTP at a fixed write rate.
     E2e(e2e::Args),
+    /// Delegations per second from command to visible assignment, transactions on.
+    Orchestrator(orchestrator::Args),
     /// Rebuild speed: `memosctl replay` of a backlog into a fresh schema.
     Replay(replay::Args),
 }
@@ -45,6 +49,7 @@ pub async fn run(config: &Config, bench: Bench) -> anyhow::Result<()> {
     match bench {
         Bench::Projector(args) => projector::run(config, args).await,
         Bench::E2e(args) => e2e::run(config, args).await,
+        Bench::Orchestrator(args) => orchestrator::run(config, args).await,
         Bench::Replay(args) => replay::run(config, args).await,
     }
 }
