@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use memos_integration_tests::stack::repo_root;
+use memos_integration_tests::tasks::{EventLog, TaskClient};
 use memos_integration_tests::{MemosProcess, TestEnv, eventually};
 use memos_runtime::metrics::{CATALOGUE, Kind};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -206,6 +207,27 @@ async fn prometheus_finds_series_for_every_dashboard_panel_and_alert_rule() -> a
         )
         .await
         .map_err(|(e, _)| e)?;
+    // Task load: an agent, three tasks delegated, assigned and completed.
+    let tasks = TaskClient::new(&env)?;
+    tasks.register("metrics-agent", &["x"], 10).await?;
+    for i in 0..3 {
+        tasks.delegate(&format!("m-{i}"), "x", 2).await?;
+    }
+    let (mut log, topic) = (EventLog::new(&env)?, env.task_events_topic.clone());
+    tokio::task::spawn_blocking(move || {
+        log.read_until(&topic, "three assignments", Duration::from_secs(60), |e| {
+            e.iter()
+                .filter(|(_, _, e)| e.event_type == memos_schemas::task::TaskEventType::TaskAssigned)
+                .count()
+                >= 3
+        })
+    })
+    .await??;
+    for i in 0..3 {
+        tasks
+            .complete(&format!("m-{i}"), "metrics-agent", None, json!(i))
+            .await?;
+    }
     let mut ids = Vec::new();
     for round in 0..3 {
         for i in 0..20 {

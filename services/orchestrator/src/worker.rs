@@ -14,7 +14,7 @@ use memos_kafka::client::base_config;
 use memos_kafka::dlq::{DeadLetter, letter_headers};
 use memos_runtime::Config;
 use memos_runtime::metrics as m;
-use memos_schemas::task::{TaskCommand, TaskEvent, Tick};
+use memos_schemas::task::{TaskCommand, TaskEvent, TaskEventType, Tick};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
@@ -135,6 +135,7 @@ struct Worker<'a> {
 }
 
 fn run_once(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    register_series();
     let mut worker = Worker::new(config)?;
     worker.rebuild(shutdown)?;
     worker
@@ -594,6 +595,29 @@ impl<'a> Worker<'a> {
         for (status, count) in by_status {
             metrics::gauge!(m::ORCHESTRATOR_AGENTS, "status" => status).set(count as f64);
         }
+    }
+}
+
+/// Series whose labels are known up front start at zero, so panels and alerts see them.
+fn register_series() {
+    metrics::counter!(m::ORCHESTRATOR_RESTARTS).increment(0);
+    for outcome in ["committed", "aborted"] {
+        metrics::counter!(m::ORCHESTRATOR_TRANSACTIONS, "outcome" => outcome).increment(0);
+    }
+    for kind in [
+        TaskEventType::TaskAccepted,
+        TaskEventType::TaskAssigned,
+        TaskEventType::TaskCompleted,
+        TaskEventType::TaskFailed,
+        TaskEventType::TaskTimedOut,
+        TaskEventType::TaskRedelegated,
+        TaskEventType::TaskDeadLettered,
+        TaskEventType::WorkflowCompleted,
+        TaskEventType::WorkflowFailed,
+        TaskEventType::AgentLost,
+        TaskEventType::CommandRejected,
+    ] {
+        metrics::counter!(m::ORCHESTRATOR_EVENTS, "type" => kind.as_str()).increment(0);
     }
 }
 
