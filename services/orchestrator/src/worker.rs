@@ -193,7 +193,7 @@ impl<'a> Worker<'a> {
         producer
             .set(
                 "transactional.id",
-                format!("{}-{}", orchestrator.group_id, orchestrator.instance_id),
+                format!("{}-{}", orchestrator.group_id, instance_id(config)),
             )
             .set(
                 "transaction.timeout.ms",
@@ -556,7 +556,7 @@ impl<'a> Worker<'a> {
         let now = chrono_millis();
         let tick = TaskCommand::Tick(Tick {
             command_id: uuid::Uuid::new_v4().to_string(),
-            actor: self.config.orchestrator.instance_id.clone(),
+            actor: instance_id(self.config),
             issued_at: now,
             traceparent: None,
             partition,
@@ -596,6 +596,21 @@ impl<'a> Worker<'a> {
             metrics::gauge!(m::ORCHESTRATOR_AGENTS, "status" => status).set(count as f64);
         }
     }
+}
+
+/// `orchestrator.instance_id`, or a name made once per process: `<hostname>-<random>`.
+fn instance_id(config: &Config) -> String {
+    static GENERATED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    config.orchestrator.instance_id.clone().unwrap_or_else(|| {
+        GENERATED
+            .get_or_init(|| {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_else(|_| "host".into());
+                format!("{host}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+            })
+            .clone()
+    })
 }
 
 /// Series whose labels are known up front start at zero, so panels and alerts see them.

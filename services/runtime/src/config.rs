@@ -58,9 +58,13 @@ pub struct Config {
 pub struct OrchestratorConfig {
     /// Consumer group of the orchestrator instances; they share the task partitions.
     pub group_id: String,
-    /// Stable name of this instance; its transactional id is derived from it, so a restarted
-    /// instance fences its previous incarnation. Two live instances must not share it.
-    pub instance_id: String,
+    /// Stable name of this instance (for example the pod name of a StatefulSet); its
+    /// transactional id is derived from it, so a restarted instance fences its previous
+    /// incarnation at once. Two live instances must not share it. Unset: a fresh name per
+    /// process, so a crashed instance's open transaction holds readers back until
+    /// `transaction_timeout` instead.
+    #[serde(default)]
+    pub instance_id: Option<String>,
     /// How often the owner of a partition appends a `Tick` (the clock of timeouts and liveness).
     #[serde(with = "humantime_serde")]
     pub tick_interval: Duration,
@@ -244,7 +248,7 @@ impl Default for Config {
             },
             orchestrator: OrchestratorConfig {
                 group_id: "memos-orchestrator".into(),
-                instance_id: "memos-orchestrator-0".into(),
+                instance_id: None,
                 tick_interval: Duration::from_secs(1),
                 heartbeat_window: Duration::from_secs(30),
                 max_batch_records: 1000,
