@@ -335,3 +335,101 @@ async fn two_instances_share_partitions_without_double_assignment() -> anyhow::R
     env.cleanup().await;
     Ok(())
 }
+
+/// A record that is not a task command goes to the dead-letter topic (in the orchestrator's
+/// transaction) with its origin and class; a decodable command that breaks a limit is
+/// rejected with the reason; the partition keeps flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_records_are_dead_lettered_invalid_commands_rejected_and_the_partition_flows()
+-> anyhow::Result<()> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let env = TestEnv::new().await?;
+    let _orchestrator = orchestrator(&env, "one", "60s").await?;
+    let producer: FutureProducer = env.kafka_config().create()?;
+    // One key, so every record lands in the same partition, in this order.
+    let key = "same-key";
+    let mut unknown = vec![0xC3, 0x01];
+    unknown.extend_from_slice(&0x0123_4567_89ab_cdefu64.to_le_bytes());
+    unknown.extend_from_slice(b"body");
+    let mut too_many = TaskClient::delegate_command(key, "work", 1000, 1000);
+    too_many.max_attempts = 1000;
+    let valid = TaskClient::delegate_command("after-the-bad-ones", "work", 1, 1000);
+    let valid = TaskCommand::Delegate(memos_schemas::task::DelegateTask {
+        workflow_id: Some(key.into()),
+        ..valid
+    });
+    for payload in [
+        b"not avro at all".to_vec(),
+        unknown,
+        TaskCommand::Delegate(too_many).encode()?,
+        valid.encode()?,
+    ] {
+        producer
+            .send(
+                FutureRecord::to(&env.task_commands_topic)
+                    .key(key)
+                    .payload(&payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    let log = read(
+        EventLog::new(&env)?,
+        env.task_events_topic.clone(),
+        "the valid command accepted",
+        |e| has(e, E::TaskAccepted, "after-the-bad-ones"),
+    )
+    .await?;
+    let rejected: Vec<_> = log.of(E::CommandRejected).collect();
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert!(
+        rejected[0]
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("max_attempts"),
+        "{rejected:?}"
+    );
+    assert_eq!(rejected[0].command_type.as_deref(), Some("DelegateTask"));
+
+    let consumer: BaseConsumer = env
+        .kafka_config()
+        .set("group.id", format!("{}-dlq", env.orchestrator_group_id))
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .create()?;
+    consumer.subscribe(&[env.dead_letter_topic.as_str()])?;
+    let mut letters = Vec::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    while letters.len() < 2 && std::time::Instant::now() < deadline {
+        if let Some(message) = consumer.poll(Duration::from_millis(200)) {
+            let message = message?;
+            let header = |name: &str| {
+                message
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == name).and_then(|h| h.value))
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            };
+            letters.push((
+                header("memos-dlq-origin-topic"),
+                header("memos-dlq-error-class"),
+                message.key().map(<[u8]>::to_vec),
+            ));
+        }
+    }
+    let classes: BTreeSet<Option<String>> = letters.iter().map(|l| l.1.clone()).collect();
+    assert_eq!(
+        classes,
+        BTreeSet::from([Some("not_avro".to_owned()), Some("unknown_schema".to_owned())])
+    );
+    for (origin, _, letter_key) in &letters {
+        assert_eq!(origin.as_deref(), Some(env.task_commands_topic.as_str()));
+        assert_eq!(letter_key.as_deref(), Some(key.as_bytes()));
+    }
+    env.cleanup().await;
+    Ok(())
+}

@@ -117,6 +117,34 @@ impl ProducerContext for Deliveries {
     }
 }
 
+/// Counts of one transaction's decisions; published only when it commits, so an aborted
+/// and re-decided batch is not counted twice.
+#[derive(Default)]
+struct Tally {
+    commands: HashMap<(&'static str, &'static str), u64>,
+    events: HashMap<&'static str, u64>,
+    dead_letters: HashMap<&'static str, u64>,
+    completions: Vec<f64>,
+}
+
+impl Tally {
+    fn publish(self, commands_topic: &str) {
+        for ((kind, outcome), n) in self.commands {
+            metrics::counter!(m::ORCHESTRATOR_COMMANDS, "type" => kind, "outcome" => outcome).increment(n);
+        }
+        for (kind, n) in self.events {
+            metrics::counter!(m::ORCHESTRATOR_EVENTS, "type" => kind).increment(n);
+        }
+        for (class, n) in self.dead_letters {
+            metrics::counter!(m::DLQ_RECORDS, "source" => commands_topic.to_owned(), "reason" => class)
+                .increment(n);
+        }
+        for seconds in self.completions {
+            metrics::histogram!(m::ORCHESTRATOR_TASK_COMPLETION_SECONDS).record(seconds);
+        }
+    }
+}
+
 /// Everything one attempt holds; dropped (consumers leave the group) when it ends.
 struct Worker<'a> {
     config: &'a Config,
@@ -131,6 +159,8 @@ struct Worker<'a> {
     /// decided here and are already in the state. `i64::MAX` while the partition is owned.
     fold_from: HashMap<i32, i64>,
     clocks: HashMap<i32, i64>,
+    /// What the open transaction decided, counted in the metrics once it commits.
+    tally: Tally,
     partitions: i32,
 }
 
@@ -241,6 +271,7 @@ impl<'a> Worker<'a> {
             owned: BTreeMap::new(),
             fold_from: HashMap::new(),
             clocks: HashMap::new(),
+            tally: Tally::default(),
             partitions,
         })
     }
@@ -333,6 +364,10 @@ impl<'a> Worker<'a> {
                 } else {
                     self.owned.remove(&p);
                     self.clocks.remove(&p);
+                    // Its agents are reported by their partition's new owner from now on.
+                    for agent in self.state.agents.values().filter(|a| a.home == p) {
+                        metrics::gauge!(m::ORCHESTRATOR_AGENT_LOAD, "agent" => agent.id.clone()).set(0.0);
+                    }
                     let next = self.deliveries_next().get(&p).copied().unwrap_or(0);
                     self.fold_from.insert(p, next);
                     tracing::info!(partition = p, "task partition given up");
@@ -382,6 +417,7 @@ impl<'a> Worker<'a> {
 
         let started = Instant::now();
         self.producer.begin_transaction().context("begin transaction")?;
+        self.tally = Tally::default();
         let mut next_offsets: BTreeMap<i32, i64> = BTreeMap::new();
         for message in &batch {
             let p = message.partition();
@@ -443,6 +479,7 @@ impl<'a> Worker<'a> {
             anyhow::bail!("a record of the committed transaction was not delivered: {failed}");
         }
         metrics::counter!(m::ORCHESTRATOR_TRANSACTIONS, "outcome" => "committed").increment(1);
+        std::mem::take(&mut self.tally).publish(&self.config.topics.task_commands);
         metrics::histogram!(m::ORCHESTRATOR_TRANSACTION_SECONDS).record(started.elapsed().as_secs_f64());
         self.export_state_gauges();
         Ok(())
@@ -471,7 +508,7 @@ impl<'a> Worker<'a> {
         } else {
             "decided"
         };
-        metrics::counter!(m::ORCHESTRATOR_COMMANDS, "type" => type_name, "outcome" => outcome).increment(1);
+        *self.tally.commands.entry((type_name, outcome)).or_default() += 1;
         self.produce_events(p, &events)
     }
 
@@ -488,8 +525,7 @@ impl<'a> Worker<'a> {
             reason,
             "task command dead-lettered"
         );
-        metrics::counter!(m::DLQ_RECORDS, "source" => self.config.topics.task_commands.clone(), "reason" => class)
-            .increment(1);
+        *self.tally.dead_letters.entry(class).or_default() += 1;
         let letter = DeadLetter {
             topic: &self.config.topics.task_commands,
             partition: message.partition(),
@@ -538,7 +574,7 @@ impl<'a> Worker<'a> {
                 .payload(&payload)
                 .headers(headers);
             send(&self.producer, record)?;
-            metrics::counter!(m::ORCHESTRATOR_EVENTS, "type" => event.event_type.as_str()).increment(1);
+            *self.tally.events.entry(event.event_type.as_str()).or_default() += 1;
             if event.event_type == memos_schemas::task::TaskEventType::TaskCompleted
                 && let Some(duration) = event
                     .data_json
@@ -546,7 +582,7 @@ impl<'a> Worker<'a> {
                     .and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok())
                     .and_then(|d| d["duration_ms"].as_f64())
             {
-                metrics::histogram!(m::ORCHESTRATOR_TASK_COMPLETION_SECONDS).record(duration / 1000.0);
+                self.tally.completions.push(duration / 1000.0);
             }
         }
         Ok(())
