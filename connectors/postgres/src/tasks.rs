@@ -36,9 +36,6 @@ macro_rules! event_columns {
     };
 }
 
-/// The statuses in which an agent holds a task (its load and its inbox).
-pub const HELD: [&str; 2] = ["assigned", "running"];
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct AgentRow {
     pub agent_id: String,
@@ -349,14 +346,15 @@ pub struct AgentView {
     pub registered_at: DateTime<Utc>,
 }
 
-/// What Redis holds for an agent: its inbox and availability as of `revision`.
-#[derive(Debug, Clone, PartialEq)]
+/// What Redis holds for an agent as of `revision`: its inbox (a JSON array of
+/// [`InboxItem`]s) and availability (a JSON [`AgentView`]).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct AgentSnapshot {
     pub agent_id: String,
     pub revision: i64,
+    pub inbox: String,
     /// `None` when the agent never registered (its inbox may still be non-empty).
-    pub availability: Option<AgentView>,
-    pub inbox: Vec<InboxItem>,
+    pub availability: Option<String>,
 }
 
 macro_rules! agent_view_select {
@@ -369,68 +367,27 @@ macro_rules! agent_view_select {
     };
 }
 
-const INBOX_SELECT: &str =
-    "SELECT task_id, workflow_id, step_id, status, attempt, payload, priority, deadline,
-        assigned_at, agent_id FROM tasks
- WHERE agent_id = ANY($1) AND status IN ('assigned', 'running')
- ORDER BY agent_id, priority DESC, assigned_at, task_id";
-
-/// The current inbox and availability of `agent_ids` with their revisions, read in one
-/// snapshot so the pieces agree with each other and with the revision.
+/// The current inbox and availability of `agent_ids` with their revisions, built as JSON by
+/// one statement (one snapshot, so the pieces agree with each other and with the revision).
 pub async fn agent_snapshots(pool: &PgPool, agent_ids: &[String]) -> Result<Vec<AgentSnapshot>, sqlx::Error> {
     if agent_ids.is_empty() {
         return Ok(Vec::new());
     }
-    let mut tx = pool.begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .execute(&mut *tx)
-        .await?;
-    let revisions: Vec<(String, i64)> =
-        sqlx::query_as("SELECT agent_id, revision FROM agent_view_revisions WHERE agent_id = ANY($1)")
-            .bind(agent_ids)
-            .fetch_all(&mut *tx)
-            .await?;
-    let views: Vec<AgentView> = sqlx::query_as(concat!(agent_view_select!(), " WHERE a.agent_id = ANY($1)"))
-        .bind(agent_ids)
-        .fetch_all(&mut *tx)
-        .await?;
-    let items: Vec<(InboxItem, HeldBy)> = sqlx::query_as::<_, HeldItem>(INBOX_SELECT)
-        .bind(agent_ids)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .map(HeldItem::split)
-        .collect();
-    tx.commit().await?;
-    let mut views: HashMap<String, AgentView> = views.into_iter().map(|v| (v.agent_id.clone(), v)).collect();
-    let mut inboxes: HashMap<String, Vec<InboxItem>> = HashMap::new();
-    for (item, HeldBy(agent)) in items {
-        inboxes.entry(agent).or_default().push(item);
-    }
-    Ok(revisions
-        .into_iter()
-        .map(|(agent_id, revision)| AgentSnapshot {
-            availability: views.remove(&agent_id),
-            inbox: inboxes.remove(&agent_id).unwrap_or_default(),
-            agent_id,
-            revision,
-        })
-        .collect())
-}
-
-struct HeldBy(String);
-
-#[derive(sqlx::FromRow)]
-struct HeldItem {
-    #[sqlx(flatten)]
-    item: InboxItem,
-    agent_id: String,
-}
-
-impl HeldItem {
-    fn split(self) -> (InboxItem, HeldBy) {
-        (self.item, HeldBy(self.agent_id))
-    }
+    sqlx::query_as(concat!(
+        "SELECT r.agent_id, r.revision,
+            coalesce((SELECT json_agg(i ORDER BY i.priority DESC, i.assigned_at, i.task_id)
+                      FROM (SELECT task_id, workflow_id, step_id, status, attempt, payload, priority,
+                                   deadline, assigned_at
+                            FROM tasks t WHERE t.agent_id = r.agent_id
+                              AND t.status IN ('assigned', 'running')) i), '[]')::text AS inbox,
+            (SELECT row_to_json(v)::text FROM (",
+        agent_view_select!(),
+        " WHERE a.agent_id = r.agent_id) v) AS availability
+         FROM agent_view_revisions r WHERE r.agent_id = ANY($1)"
+    ))
+    .bind(agent_ids)
+    .fetch_all(pool)
+    .await
 }
 
 /// Agents whose newest revision has not reached Redis yet.
@@ -482,14 +439,16 @@ pub async fn agent(pool: &PgPool, agent_id: &str) -> Result<Option<AgentView>, s
         .await
 }
 
-/// The tasks `agent_id` holds, highest priority first.
+/// The tasks `agent_id` holds, highest priority first (the order of the cached inbox).
 pub async fn inbox(pool: &PgPool, agent_id: &str) -> Result<Vec<InboxItem>, sqlx::Error> {
-    let agents = [agent_id.to_owned()];
-    let rows: Vec<HeldItem> = sqlx::query_as(INBOX_SELECT)
-        .bind(&agents[..])
-        .fetch_all(pool)
-        .await?;
-    Ok(rows.into_iter().map(|r| r.item).collect())
+    sqlx::query_as(
+        "SELECT task_id, workflow_id, step_id, status, attempt, payload, priority, deadline, assigned_at
+         FROM tasks WHERE agent_id = $1 AND status IN ('assigned', 'running')
+         ORDER BY priority DESC, assigned_at, task_id",
+    )
+    .bind(agent_id)
+    .fetch_all(pool)
+    .await
 }
 
 pub async fn task(pool: &PgPool, task_id: &str) -> Result<Option<TaskRow>, sqlx::Error> {

@@ -39,9 +39,9 @@ pub struct AgentWrite<'a> {
     pub agent_id: &'a str,
     pub revision: i64,
     /// JSON array of inbox items.
-    pub inbox: String,
+    pub inbox: &'a str,
     /// JSON object; `None` when the agent is not registered.
-    pub availability: Option<String>,
+    pub availability: Option<&'a str>,
 }
 
 impl HotViews {
@@ -66,8 +66,8 @@ impl HotViews {
                     .key(self.inbox_key(write.agent_id))
                     .key(self.availability_key(write.agent_id))
                     .arg(write.revision)
-                    .arg(&write.inbox)
-                    .arg(write.availability.as_deref().unwrap_or("")),
+                    .arg(write.inbox)
+                    .arg(write.availability.unwrap_or("")),
             );
         }
         let written = self.run(&pipe, &[&GUARDED_AGENT]).await?;

@@ -984,12 +984,14 @@ async fn an_older_agent_snapshot_never_lands() -> anyhow::Result<()> {
 
     let env = TestEnv::new().await?;
     let hot = HotViews::connect(&env.redis_url, &env.redis_prefix, Duration::from_secs(60)).await?;
-    let write = |revision: i64, inbox: &str, availability: Option<&str>| AgentWrite {
-        agent_id: "g-a1",
-        revision,
-        inbox: inbox.to_owned(),
-        availability: availability.map(str::to_owned),
-    };
+    fn write<'a>(revision: i64, inbox: &'a str, availability: Option<&'a str>) -> AgentWrite<'a> {
+        AgentWrite {
+            agent_id: "g-a1",
+            revision,
+            inbox,
+            availability,
+        }
+    }
     assert_eq!(
         hot.put_agents(&[write(5, r#"[{"task_id":"t5"}]"#, Some(r#"{"load":1}"#))])
             .await?,

@@ -142,25 +142,13 @@ pub async fn cache(sinks: &TaskSinks, agents: &[String]) -> Result<usize, CacheE
         return Ok(0);
     }
     let snapshots = tasks::agent_snapshots(&sinks.pool, agents).await?;
-    let docs: Vec<(String, Option<String>)> = snapshots
-        .iter()
-        .map(|s| {
-            (
-                serde_json::to_string(&s.inbox).expect("inbox serializes"),
-                s.availability
-                    .as_ref()
-                    .map(|a| serde_json::to_string(a).expect("availability serializes")),
-            )
-        })
-        .collect();
     let writes: Vec<AgentWrite<'_>> = snapshots
         .iter()
-        .zip(&docs)
-        .map(|(s, (inbox, availability))| AgentWrite {
+        .map(|s| AgentWrite {
             agent_id: &s.agent_id,
             revision: s.revision,
-            inbox: inbox.clone(),
-            availability: availability.clone(),
+            inbox: &s.inbox,
+            availability: s.availability.as_deref(),
         })
         .collect();
     sinks.hot.put_agents(&writes).await?;
