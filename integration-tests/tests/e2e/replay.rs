@@ -911,3 +911,61 @@ async fn promote_under_load_switches_every_process_and_loses_no_request() -> any
     env.cleanup().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_check_flags_command_topics_that_would_lose_history() -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+
+    let env = TestEnv::new().await?;
+    // The topics memOS creates keep everything forever.
+    let memos = MemosProcess::start(&env, "all", &[]).await?;
+    let out = memosctl_ok(&env, &["topics", "check"])?;
+    assert!(out.contains(&format!("ok    {}", env.commands_topic)), "{out}");
+
+    let admin: AdminClient<DefaultClientContext> = env.kafka_config().create()?;
+    let compacted = format!("{}.compacted", env.commands_topic);
+    let week = format!("{}.week", env.commands_topic);
+    let topics = [
+        NewTopic::new(&compacted, 1, TopicReplication::Fixed(1)).set("cleanup.policy", "compact"),
+        NewTopic::new(&week, 1, TopicReplication::Fixed(1))
+            .set("cleanup.policy", "delete")
+            .set("retention.ms", "604800000"),
+    ];
+    for result in admin.create_topics(&topics, &AdminOptions::new()).await? {
+        result.map_err(|(topic, code)| anyhow::anyhow!("cannot create {topic}: {code}"))?;
+    }
+    let (code, out, err) = memosctl(
+        &env,
+        &[
+            "topics", "check", "--topic", &compacted, "--topic", &week, "--json",
+        ],
+    )?;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("E_RETENTION: 2 command topic(s)"), "{err}");
+    let verdicts = json_lines(&out)?;
+    assert_eq!(verdicts.len(), 3);
+    assert_eq!(verdicts[0]["problems"], json!([]));
+    assert!(
+        verdicts[1]["problems"][0].as_str().unwrap().contains("compact"),
+        "{}",
+        verdicts[1]
+    );
+    assert!(
+        verdicts[2]["problems"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("retention.ms is 604800000"),
+        "{}",
+        verdicts[2]
+    );
+    let (code, _, err) = memosctl(&env, &["topics", "check", "--topic", "memos.no.such.topic"])?;
+    assert_eq!(code, 1);
+    assert!(err.contains("E_RETENTION"), "{err}");
+    let _ = admin
+        .delete_topics(&[&compacted, &week], &AdminOptions::new())
+        .await;
+    drop(memos);
+    env.cleanup().await;
+    Ok(())
+}

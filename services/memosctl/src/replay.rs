@@ -225,9 +225,9 @@ struct Rows {
 }
 
 impl Rebuilder {
-    fn chunk(&mut self, records: &[Record]) -> Rows {
-        let prepared = batch::prepare(records);
-        self.report.records += records.len() as u64;
+    /// Decides one decoded chunk of `records` records.
+    fn chunk(&mut self, prepared: &batch::Prepared, records: usize) -> Rows {
+        self.report.records += records as u64;
         self.report.undecodable += prepared.dead.len() as u64;
         let (command_ids, memory_ids, share_namespaces, tool_namespaces) = fold::touched(&prepared.commands);
         let mut state = State {
@@ -353,9 +353,12 @@ fn progress(
             } else {
                 eprintln!("{line}");
             }
-            if finished {
+            if finished || (total > 0 && n >= total) {
                 if tty {
                     eprintln!();
+                }
+                if !finished {
+                    eprintln!("replay: every record decided; writing the current states");
                 }
                 return;
             }
@@ -402,7 +405,9 @@ pub async fn rebuild(
 
     // Reader thread -> fold thread -> COPY streams, each hand-off bounded.
     let chunk = chunk.max(1);
-    let (records_tx, mut records_rx) = mpsc::channel::<Vec<Record>>(4);
+    // Decoding happens on the reader thread, deciding on the fold thread: two cores' worth
+    // of pipeline besides PostgreSQL.
+    let (records_tx, mut records_rx) = mpsc::channel::<(batch::Prepared, usize)>(4);
     let reader = {
         let (kafka, topic, ranges) = (config.kafka.clone(), topic.clone(), ranges.clone());
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
@@ -413,12 +418,13 @@ pub async fn rebuild(
                 if pending.len() >= chunk {
                     let full = std::mem::replace(&mut pending, Vec::with_capacity(chunk));
                     // A closed channel means the fold stopped on an error; stop reading.
-                    return Ok(records_tx.blocking_send(full).is_ok());
+                    let decoded = (batch::prepare(&full), full.len());
+                    return Ok(records_tx.blocking_send(decoded).is_ok());
                 }
                 Ok(true)
             })?;
             if !pending.is_empty() {
-                let _ = records_tx.blocking_send(pending);
+                let _ = records_tx.blocking_send((batch::prepare(&pending), pending.len()));
             }
             Ok(())
         })
@@ -440,9 +446,9 @@ pub async fn rebuild(
                 open: HashMap::new(),
                 report: Report::default(),
             };
-            while let Some(records) = records_rx.blocking_recv() {
-                let rows = rebuilder.chunk(&records);
-                done.fetch_add(records.len() as u64, Ordering::Relaxed);
+            while let Some((prepared, records)) = records_rx.blocking_recv() {
+                let rows = rebuilder.chunk(&prepared, records);
+                done.fetch_add(records as u64, Ordering::Relaxed);
                 if rows_tx.blocking_send(rows).is_err() {
                     break;
                 }
@@ -466,20 +472,42 @@ pub async fn rebuild(
         }
         reader.await?.context("reading the log")?;
         let mut rebuilder = folder.await?;
-        // The states still current have no end.
-        let mut last = String::new();
-        for (_, mut line) in rebuilder.open.drain() {
-            bulk::history_line_end(&mut line, None);
-            last.push_str(&line);
-            if last.len() > 4 << 20 {
-                history.send(std::mem::take(&mut last).as_bytes()).await?;
-            }
-        }
-        if !last.is_empty() {
-            history.send(last.as_bytes()).await?;
-        }
-        history.finish().await?;
         commands.finish().await?;
+        // The states still current (no end yet) and the current memories, concurrently on
+        // the two connections.
+        let open = std::mem::take(&mut rebuilder.open);
+        let flush_history = async {
+            let mut buffer = String::new();
+            for (_, mut line) in open {
+                bulk::history_line_end(&mut line, None);
+                buffer.push_str(&line);
+                if buffer.len() > 4 << 20 {
+                    history.send(std::mem::take(&mut buffer).as_bytes()).await?;
+                }
+            }
+            if !buffer.is_empty() {
+                history.send(buffer.as_bytes()).await?;
+            }
+            history.finish().await?;
+            Ok::<_, sqlx::Error>(())
+        };
+        let memories = &rebuilder.memories;
+        let copy_memories = async {
+            let mut copy = commands_conn.copy_in_raw(&bulk::copy_memories(schema)).await?;
+            let mut buffer = String::new();
+            for memory in memories.values() {
+                bulk::memory_line(&mut buffer, memory);
+                if buffer.len() > 4 << 20 {
+                    copy.send(std::mem::take(&mut buffer).as_bytes()).await?;
+                }
+            }
+            if !buffer.is_empty() {
+                copy.send(buffer.as_bytes()).await?;
+            }
+            copy.finish().await?;
+            Ok::<_, sqlx::Error>(())
+        };
+        tokio::try_join!(flush_history, copy_memories)?;
         Ok(rebuilder)
     }
     .await;
@@ -487,19 +515,15 @@ pub async fn rebuild(
     if let Some(printer) = printer {
         let _ = printer.await;
     }
-    let mut rebuilder = loaded?;
-
-    // Current state: memories, shares, tools.
-    let mut copy = admin.copy_in_raw(&bulk::copy_memories(schema)).await?;
-    let mut buffer = String::new();
-    for memory in rebuilder.memories.values() {
-        bulk::memory_line(&mut buffer, memory);
-        if buffer.len() > 4 << 20 {
-            copy.send(std::mem::take(&mut buffer).as_bytes()).await?;
-        }
+    let rebuilder = loaded?;
+    if show_progress {
+        eprintln!(
+            "replay: rows loaded after {:.1}s; building keys and indexes",
+            started.elapsed().as_secs_f64()
+        );
     }
-    copy.send(std::mem::take(&mut buffer).as_bytes()).await?;
-    copy.finish().await?;
+
+    let mut buffer = String::new();
     let mut copy = admin.copy_in_raw(&bulk::copy_shares(schema)).await?;
     for share in rebuilder.shares.values().flat_map(|s| s.values()) {
         bulk::share_line(&mut buffer, share);
@@ -534,20 +558,35 @@ pub async fn rebuild(
     .await?;
     let load_seconds = started.elapsed().as_secs_f64();
 
-    // Keys and indexes once the rows are in, one connection per table, concurrently.
+    // Keys and indexes once the rows are in, one connection per table, concurrently; the
+    // vector index (whose dimension comes from configuration) with the memories' indexes.
     let index_start = Instant::now();
     let mut by_table: BTreeMap<String, Vec<bulk::IndexDef>> = BTreeMap::new();
     for def in indexes {
         by_table.entry(def.table.clone()).or_default().push(def);
     }
-    let builds = by_table.into_values().map(|defs| {
+    let dimensions = config.memory.embedding_dimensions;
+    let builds = by_table.into_iter().map(|(table, defs)| {
         let url = url.clone();
         async move {
             let mut conn = PgConnection::connect(&url).await?;
-            sqlx::raw_sql("SET maintenance_work_mem = '256MB'")
+            // An HNSW build is much faster while its graph fits in maintenance_work_mem.
+            let memory = if table == "memories" { "1GB" } else { "256MB" };
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "SET maintenance_work_mem = '{memory}'"
+            )))
+            .execute(&mut conn)
+            .await?;
+            bulk::create_indexes(&mut conn, &defs).await?;
+            if table == "memories" {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "CREATE INDEX IF NOT EXISTS memories_embedding_hnsw_{dimensions} ON {schema}.memories
+                     USING hnsw ((embedding::vector({dimensions})) vector_cosine_ops)
+                     WHERE embedding IS NOT NULL AND forgotten_at IS NULL"
+                )))
                 .execute(&mut conn)
                 .await?;
-            bulk::create_indexes(&mut conn, &defs).await?;
+            }
             conn.close().await?;
             Ok::<_, sqlx::Error>(())
         }
@@ -555,22 +594,19 @@ pub async fn rebuild(
     for result in futures::future::join_all(builds).await {
         result.context("E_POSTGRES: building the rebuilt schema's indexes failed")?;
     }
-    let dimensions = config.memory.embedding_dimensions;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE INDEX IF NOT EXISTS memories_embedding_hnsw_{dimensions} ON {schema}.memories
-         USING hnsw ((embedding::vector({dimensions})) vector_cosine_ops)
-         WHERE embedding IS NOT NULL AND forgotten_at IS NULL;
-         ANALYZE {schema}.memories; ANALYZE {schema}.memory_history; ANALYZE {schema}.memory_commands;
+        "ANALYZE {schema}.memories; ANALYZE {schema}.memory_history; ANALYZE {schema}.memory_commands;
          ANALYZE {schema}.memory_shares; ANALYZE {schema}.tools; ANALYZE {schema}.projection_offsets;"
     )))
     .execute(&mut admin)
     .await
-    .context("E_POSTGRES: building the vector index failed")?;
+    .context("E_POSTGRES: ANALYZE of the rebuilt schema failed")?;
     admin.close().await?;
     history_conn.close().await?;
     commands_conn.close().await?;
 
     let total_seconds = started.elapsed().as_secs_f64();
+    let mut rebuilder = rebuilder;
     let report = &mut rebuilder.report;
     report.schema = schema.to_owned();
     report.memories = rebuilder.memories.len() as u64;
