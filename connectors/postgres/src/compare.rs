@@ -1,6 +1,7 @@
 //! Comparing two schemas' copies of the memory views (`memosctl verify`): per table the row
 //! count and an order-independent checksum (the sum of a 64-bit hash of every whole row's
-//! text), and, when they differ, the keys of the rows that differ.
+//! text), and, when they differ, the keys of the rows that differ. Only the memory
+//! projection's rows of `projection_offsets` are compared (other projections share it).
 //!
 //! Guarantee: two tables compare equal only if they hold the same number of rows and the
 //! same multiset of row hashes; any changed column value changes that row's hash, so a
@@ -17,6 +18,8 @@ pub struct Table {
     pub name: &'static str,
     /// SQL expressions over alias `t`, rendered as text to name a differing row.
     pub key: &'static [&'static str],
+    /// Which rows belong to the memory projection (SQL over alias `t`).
+    pub rows: &'static str,
 }
 
 /// Every memory view table, with its key.
@@ -24,26 +27,33 @@ pub const MEMORY_TABLES: &[Table] = &[
     Table {
         name: "memories",
         key: &["t.memory_id"],
+        rows: "true",
     },
     Table {
         name: "memory_history",
         key: &["t.memory_id", "t.log_partition", "t.log_offset"],
+        rows: "true",
     },
     Table {
         name: "memory_commands",
         key: &["t.command_id"],
+        rows: "true",
     },
     Table {
         name: "memory_shares",
         key: &["t.namespace", "t.memory_id", "t.grantee"],
+        rows: "true",
     },
     Table {
         name: "tools",
         key: &["t.namespace", "t.name"],
+        rows: "true",
     },
     Table {
         name: "projection_offsets",
         key: &["t.projection", "t.topic", "t.partition"],
+        // Other projections (tasks) keep their offsets in the same table.
+        rows: "t.projection = 'memory'",
     },
 ];
 
@@ -67,12 +77,14 @@ pub struct Difference {
 }
 
 /// Row count and checksum of `schema.table`.
-async fn summary(pool: &PgPool, schema: &str, table: &str) -> Result<(i64, String), sqlx::Error> {
+async fn summary(pool: &PgPool, schema: &str, table: &Table) -> Result<(i64, String), sqlx::Error> {
     // md5 of the row's text, first 16 hex digits as a signed 64-bit integer, summed as numeric
     // (no overflow): independent of row order and of physical layout.
     let sql = format!(
         "SELECT count(*), coalesce(sum(('x' || left(md5(t::text), 16))::bit(64)::bigint::numeric), 0)::text
-         FROM {schema}.{table} t"
+         FROM {schema}.{name} t WHERE {rows}",
+        name = table.name,
+        rows = table.rows
     );
     sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_one(pool).await
 }
@@ -91,10 +103,10 @@ async fn differences(
         .map(|k| format!("coalesce({k}::text, '∅')"))
         .collect::<Vec<_>>()
         .join(" || '/' || ");
-    let name = table.name;
+    let (name, rows) = (table.name, table.rows);
     let sql = format!(
-        "WITH l AS (SELECT {key} AS k, md5(t::text) AS h FROM {left}.{name} t),
-              r AS (SELECT {key} AS k, md5(t::text) AS h FROM {right}.{name} t)
+        "WITH l AS (SELECT {key} AS k, md5(t::text) AS h FROM {left}.{name} t WHERE {rows}),
+              r AS (SELECT {key} AS k, md5(t::text) AS h FROM {right}.{name} t WHERE {rows})
          SELECT coalesce(l.k, r.k),
                 CASE WHEN r.k IS NULL THEN 'left-only' WHEN l.k IS NULL THEN 'right-only' ELSE 'changed' END
          FROM l FULL OUTER JOIN r ON l.k = r.k
@@ -122,8 +134,8 @@ pub async fn compare(
     check_schema_name(right)?;
     let mut out = Vec::new();
     for table in MEMORY_TABLES {
-        let (left_rows, left_checksum) = summary(pool, left, table.name).await?;
-        let (right_rows, right_checksum) = summary(pool, right, table.name).await?;
+        let (left_rows, left_checksum) = summary(pool, left, table).await?;
+        let (right_rows, right_checksum) = summary(pool, right, table).await?;
         let equal = left_rows == right_rows && left_checksum == right_checksum;
         let differences = if equal {
             Vec::new()

@@ -218,6 +218,10 @@ async fn rebuild_into_a_fresh_schema_verifies_equal_and_verify_reports_altered_r
             .fetch_one(&env.pool)
             .await?;
     assert_eq!(rejected, 3, "the log holds rejected commands");
+    // Another projection's offsets share the table; verify compares the memory projection's.
+    sqlx::query("INSERT INTO projection_offsets VALUES ('tasks', 'memos.task.events', 0, 5)")
+        .execute(&env.pool)
+        .await?;
 
     let out = memosctl_ok(
         &env,
