@@ -474,6 +474,18 @@ pub async fn task_events(pool: &PgPool, task_id: &str) -> Result<Vec<EventRow>, 
     .await
 }
 
+/// The events a command caused, in log order (a rejected command has one `COMMAND_REJECTED`).
+pub async fn command_events(pool: &PgPool, command_id: &str) -> Result<Vec<EventRow>, sqlx::Error> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        event_columns!(),
+        " FROM task_events WHERE command_id = $1 ORDER BY log_partition, log_offset"
+    ))
+    .bind(command_id)
+    .fetch_all(pool)
+    .await
+}
+
 /// The latest version of a template, or the given one.
 pub async fn template(
     pool: &PgPool,

@@ -296,6 +296,30 @@ async fn task_events_become_views_inboxes_and_answers() -> anyhow::Result<()> {
         task["events"][3]["reason"],
         "not_holder: tv-a2 does not hold tv-t1"
     );
+    let (status, command) = get(
+        &http,
+        api.url("/v1/commands/0195e7a4-0000-7000-8000-000000000001"),
+    )
+    .await?;
+    assert_eq!(status, 200);
+    assert_eq!(command["status"], "rejected", "{command}");
+    assert_eq!(command["events"][0]["task_id"], "tv-t1");
+    let (_, unknown) = get(&http, api.url(&format!("/v1/commands/{}", uuid::Uuid::now_v7()))).await?;
+    assert_eq!(unknown["status"], "pending");
+    // A delegation the orchestrator refused leaves no task, but its 404 says why.
+    events
+        .send("tv-dup", TaskEventType::CommandRejected, 2_400, |e| {
+            e.task_id = Some("tv-dup".into());
+            e.command_type = Some("DelegateTask".into());
+            e.reason = Some("task tv-dup exists".into());
+        })
+        .await?;
+    let missing = eventually("the refused delegation to be recorded", WAIT, || async {
+        let (status, body) = get(&http, api.url("/v1/tasks/tv-dup")).await?;
+        Ok((status == 404 && body["message"].as_str().is_some_and(|m| m.contains("exists"))).then_some(body))
+    })
+    .await?;
+    assert_eq!(missing["code"], "not_found");
 
     // The first attempt of tv-t2 times out and it moves to tv-a2; tv-t1 completes.
     events
@@ -427,7 +451,7 @@ async fn task_events_become_views_inboxes_and_answers() -> anyhow::Result<()> {
         sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE type = 'COMMAND_REJECTED') FROM task_events")
             .fetch_one(&env.pool)
             .await?;
-    assert_eq!((rows, rejections), (i64::from(events.next_id), 1));
+    assert_eq!((rows, rejections), (i64::from(events.next_id), 2));
     let letter = dead_letter(&env, &env.task_events_topic).await?;
     assert_eq!(letter, (bad_partition, bad_offset, "not_avro".to_owned()));
     env.cleanup().await;
@@ -901,7 +925,8 @@ async fn an_agent_takes_a_task_through_the_api() -> anyhow::Result<()> {
     )
     .await?;
     assert_eq!(response.status(), 202);
-    assert_eq!(response.json::<Value>().await?["task_id"], "api-t1");
+    let delegated: Value = response.json().await?;
+    assert_eq!(delegated["task_id"], "api-t1");
 
     let inbox = eventually("the task in the agent's inbox", WAIT, || async {
         let (status, inbox) = get(&http, memos.url("/v1/agents/api-a1/inbox")).await?;
@@ -918,6 +943,7 @@ async fn an_agent_takes_a_task_through_the_api() -> anyhow::Result<()> {
     // Another agent cannot complete it: the orchestrator rejects that, and says why.
     let response = post("/v1/tasks/api-t1/complete", json!({"agent_id": "api-intruder"})).await?;
     assert_eq!(response.status(), 202);
+    let intruder: Value = response.json().await?;
     let response = post(
         "/v1/tasks/api-t1/complete",
         json!({"agent_id": "api-a1", "result": {"summary": "short"}}),
@@ -949,6 +975,22 @@ async fn an_agent_takes_a_task_through_the_api() -> anyhow::Result<()> {
         ]
     );
     assert_eq!(task["events"][3]["command_type"], "CompleteTask");
+    // Each command's status says what became of it.
+    let status = |answer: &Value| {
+        let url = memos.url(&format!(
+            "/v1/commands/{}",
+            answer["command_id"].as_str().unwrap()
+        ));
+        let http = http.clone();
+        async move { get(&http, url).await }
+    };
+    let (code, delegation) = status(&delegated).await?;
+    assert_eq!(code, 200);
+    assert_eq!(delegation["status"], "applied", "{delegation}");
+    assert_eq!(delegation["events"][0]["type"], "TASK_ACCEPTED");
+    let (_, refused) = status(&intruder).await?;
+    assert_eq!(refused["status"], "rejected", "{refused}");
+    assert_eq!(refused["events"][0]["reason"], task["events"][3]["reason"]);
     assert!(
         task["events"][3]["reason"]
             .as_str()

@@ -11,6 +11,7 @@ use chrono::Utc;
 use memos_kafka::{Delivered, ProduceError, headers};
 use memos_postgres::memories::CommandRow;
 use memos_postgres::queries;
+use memos_postgres::tasks::{self, EventRow};
 use memos_runtime::metrics::{self as m, observe};
 use memos_runtime::telemetry;
 use memos_schemas::MemoryCommand;
@@ -209,14 +210,17 @@ async fn send(
         })
 }
 
-/// `GET /v1/commands/{id}`: pending until the projector decided; then applied or rejected
-/// with the reason and the log position.
+/// `GET /v1/commands/{id}`: pending until decided; then applied or rejected. A memory command
+/// carries its decision row (reason, log position); a task command carries the events the
+/// orchestrator wrote for it (a `COMMAND_REJECTED` one with the reason when it was refused).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CommandStatus {
     pub command_id: Uuid,
     pub status: String,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub decision: Option<CommandRow>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<Vec<EventRow>>,
 }
 
 pub async fn status(
@@ -232,16 +236,33 @@ pub async fn status(
     )
     .await
     .map_err(|e| ApiError::internal("cannot read the command status", e))?;
-    Ok(Json(match row {
-        Some(row) => CommandStatus {
+    if let Some(row) = row {
+        return Ok(Json(CommandStatus {
             command_id,
             status: row.status.clone(),
             decision: Some(row),
-        },
-        None => CommandStatus {
-            command_id,
-            status: "pending".into(),
-            decision: None,
-        },
+            events: None,
+        }));
+    }
+    let events = observe(
+        m::POSTGRES_SECONDS,
+        m::POSTGRES_ERRORS,
+        "command_status",
+        tasks::command_events(&state.pool, &command_id.to_string()),
+    )
+    .await
+    .map_err(|e| ApiError::internal("cannot read the command status", e))?;
+    let status = if events.is_empty() {
+        "pending"
+    } else if events.iter().any(|e| e.event_type == "COMMAND_REJECTED") {
+        "rejected"
+    } else {
+        "applied"
+    };
+    Ok(Json(CommandStatus {
+        command_id,
+        status: status.into(),
+        decision: None,
+        events: (!events.is_empty()).then_some(events),
     }))
 }

@@ -336,11 +336,18 @@ pub async fn task(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<TaskWithHistory>, ApiError> {
-    let task = read("task", "the task", tasks::task(&state.pool, &id))
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no task {id}")))?;
+    let task = read("task", "the task", tasks::task(&state.pool, &id)).await?;
     let events = read("task", "the task's history", tasks::task_events(&state.pool, &id)).await?;
-    Ok(Json(TaskWithHistory { task, events }))
+    match task {
+        Some(task) => Ok(Json(TaskWithHistory { task, events })),
+        // Only rejected commands name it (a refused delegation): say why.
+        None => Err(ApiError::not_found(
+            match events.iter().rev().find_map(|e| e.reason.as_deref()) {
+                Some(reason) => format!("no task {id}; last rejected command: {reason}"),
+                None => format!("no task {id}"),
+            },
+        )),
+    }
 }
 
 /// A known task (its workflow is the command's routing key), or `404`.
