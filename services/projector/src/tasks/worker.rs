@@ -247,6 +247,31 @@ fn register_series(config: &Config, group: &str) {
     for step in ["dead_letter", "apply", "cache"] {
         metrics::counter!(m::PROJECTOR_RETRIES, "projection" => projection, "step" => step).increment(0);
     }
+    use memos_schemas::task::TaskEventType as E;
+    for kind in [
+        E::TaskAccepted,
+        E::TaskAssigned,
+        E::TaskStarted,
+        E::TaskCompleted,
+        E::TaskFailed,
+        E::TaskTimedOut,
+        E::TaskRedelegated,
+        E::TaskDeadLettered,
+        E::TaskCancelled,
+        E::TemplateDefined,
+        E::WorkflowStarted,
+        E::WorkflowStepReady,
+        E::WorkflowCompleted,
+        E::WorkflowFailed,
+        E::WorkflowCancelled,
+        E::AgentRegistered,
+        E::AgentHeartbeat,
+        E::AgentLost,
+        E::AgentDeregistered,
+        E::CommandRejected,
+    ] {
+        metrics::counter!(m::PROJECTOR_TASK_EVENTS, "type" => kind.as_str()).increment(0);
+    }
     metrics::counter!(m::POSTGRES_ERRORS, "op" => "apply_task_batch").increment(0);
     metrics::counter!(m::REDIS_ERRORS, "op" => "put_agents").increment(0);
     for kind in ["assign", "revoke"] {
