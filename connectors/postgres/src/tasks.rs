@@ -486,6 +486,16 @@ pub async fn command_events(pool: &PgPool, command_id: &str) -> Result<Vec<Event
     .await
 }
 
+/// How many of `command_ids` the task views have recorded an event of (decided and projected).
+pub async fn decided_commands(pool: &PgPool, command_ids: &[String]) -> Result<i64, sqlx::Error> {
+    let (count,): (i64,) =
+        sqlx::query_as("SELECT count(DISTINCT command_id) FROM task_events WHERE command_id = ANY($1)")
+            .bind(command_ids)
+            .fetch_one(pool)
+            .await?;
+    Ok(count)
+}
+
 /// The latest version of a template, or the given one.
 pub async fn template(
     pool: &PgPool,

@@ -628,7 +628,15 @@ fn command_at(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn task_requests_are_validated_routed_and_answered() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
-    let api = MemosProcess::start(&env, "api", &[("MEMOS__HTTP__API_TOKEN", "s3cret")]).await?;
+    let api = MemosProcess::start(
+        &env,
+        "api",
+        &[
+            ("MEMOS__HTTP__API_TOKEN", "s3cret"),
+            ("MEMOS__MEMORY__READ_YOUR_WRITES_TIMEOUT", "300ms"),
+        ],
+    )
+    .await?;
     let http = reqwest::Client::new();
     let post = |path: &str, body: String| {
         http.post(api.url(path))
@@ -833,6 +841,20 @@ async fn task_requests_are_validated_routed_and_answered() -> anyhow::Result<()>
         assert_eq!(response.status(), 404, "{path}");
         assert_eq!(response.json::<Value>().await?["code"], "not_found");
     }
+    // A read naming a command the views have not decided waits, then says so; a bad id is a 400.
+    for (header, status, code) in [
+        (uuid::Uuid::now_v7().to_string(), 504, "not_caught_up"),
+        ("not-a-uuid".to_owned(), 400, "bad_request"),
+    ] {
+        let response = http
+            .get(api.url("/v1/orchestrator/stats"))
+            .bearer_auth("s3cret")
+            .header("x-memos-command", header)
+            .send()
+            .await?;
+        assert_eq!(response.status(), status);
+        assert_eq!(response.json::<Value>().await?["code"], code);
+    }
     assert!(
         env.high_watermarks(&env.task_commands_topic)?
             .iter()
@@ -951,11 +973,16 @@ async fn an_agent_takes_a_task_through_the_api() -> anyhow::Result<()> {
     .await?;
     assert_eq!(response.status(), 202);
 
-    let task = eventually("the task to be completed", WAIT, || async {
-        let (_, task) = get(&http, memos.url("/v1/tasks/api-t1")).await?;
-        Ok((task["status"] == "completed").then_some(task))
-    })
-    .await?;
+    let completed: Value = response.json().await?;
+    // Read your writes: the read waits until the views include the completion.
+    let task: Value = http
+        .get(memos.url("/v1/tasks/api-t1"))
+        .header("x-memos-command", completed["command_id"].as_str().unwrap())
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(task["status"], "completed", "{task}");
     assert_eq!(task["result"], json!({"summary": "short"}));
     assert_eq!(task["agent_id"], "api-a1");
     let types: Vec<&str> = task["events"]

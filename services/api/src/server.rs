@@ -210,6 +210,7 @@ impl Api {
             "template",
             "workflow",
             "orchestrator_stats",
+            "decided_commands",
         ] {
             metrics::counter!(m::POSTGRES_ERRORS, "op" => op).increment(0);
         }

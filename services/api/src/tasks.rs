@@ -8,6 +8,12 @@
 //! `GET /v1/workflow-templates/{name}`, `GET /v1/workflows/{id}` (each step's state and
 //! result), `GET /v1/orchestrator/stats`.
 //!
+//! Read your writes: a query carrying `X-Memos-Command` (command ids from `202` answers,
+//! comma-separated) waits, up to `memory.read_your_writes_timeout`, until the views record
+//! the orchestrator's decision of each (`504 not_caught_up` otherwise); the inbox is then read
+//! from PostgreSQL, which Redis follows. (`X-Memos-Position` names memory-log positions and is
+//! not used here: a task command's effect is an event on another topic.)
+//!
 //! Commands about an existing task are routed to the partition of its workflow, so the API
 //! looks the task up first: a task the views do not know yet answers `404`. As for memories,
 //! what the orchestrator could only reject answers `409` when the request carries no
@@ -81,6 +87,57 @@ async fn read<T, E: std::fmt::Display>(
     observe(m::POSTGRES_SECONDS, m::POSTGRES_ERRORS, op, future)
         .await
         .map_err(|e| ApiError::internal(&format!("cannot read {what}"), e))
+}
+
+/// Header naming task commands whose decisions a query must include.
+pub const COMMAND_HEADER: &str = "x-memos-command";
+
+/// Waits until the views include the decisions of the commands named in `X-Memos-Command`.
+/// Returns whether the request named any.
+async fn wait_for_commands(state: &AppState, headers: &HeaderMap) -> Result<bool, ApiError> {
+    let Some(value) = headers.get(COMMAND_HEADER) else {
+        return Ok(false);
+    };
+    let invalid = || {
+        ApiError::bad_request("X-Memos-Command must be command ids (UUIDs), comma-separated")
+            .with_field(COMMAND_HEADER)
+    };
+    let ids: Vec<String> = value
+        .to_str()
+        .map_err(|_| invalid())?
+        .split(',')
+        .map(|id| {
+            Uuid::parse_str(id.trim())
+                .map(|u| u.to_string())
+                .map_err(|_| invalid())
+        })
+        .collect::<Result<_, _>>()?;
+    let bound = state.config.memory.read_your_writes_timeout;
+    let start = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(2);
+    loop {
+        let decided = read(
+            "decided_commands",
+            "the decided commands",
+            tasks::decided_commands(&state.pool, &ids),
+        )
+        .await?;
+        if decided >= ids.len() as i64 {
+            return Ok(true);
+        }
+        if start.elapsed() >= bound {
+            return Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "not_caught_up",
+                format!(
+                    "waited {bound:?}: {decided} of the {} commands are decided in the views; retry later",
+                    ids.len()
+                ),
+            ));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_millis(50));
+    }
 }
 
 // ---- agents ----
@@ -191,9 +248,11 @@ pub struct Agents {
 
 pub async fn agents(
     State(state): State<AppState>,
+    headers: HeaderMap,
     params: Result<Query<AgentsParams>, QueryRejection>,
 ) -> Result<Json<Agents>, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    wait_for_commands(&state, &headers).await?;
     if let Some(status) = params.status.as_deref()
         && !["alive", "lost", "deregistered"].contains(&status)
     {
@@ -222,13 +281,19 @@ pub struct Inbox {
 pub async fn inbox(
     State(state): State<AppState>,
     Path(agent): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Json<Inbox>, ApiError> {
-    let cached = observe(m::REDIS_SECONDS, m::REDIS_ERRORS, "inbox", async {
-        let inbox = state.hot.inbox(&agent).await?;
-        let availability = state.hot.availability(&agent).await?;
-        Ok::<_, memos_redis::hot::Error>((inbox, availability))
-    })
-    .await;
+    // After a wait, PostgreSQL has the decisions; Redis follows it by a moment.
+    let cached = if wait_for_commands(&state, &headers).await? {
+        Ok((None, None))
+    } else {
+        observe(m::REDIS_SECONDS, m::REDIS_ERRORS, "inbox", async {
+            let inbox = state.hot.inbox(&agent).await?;
+            let availability = state.hot.availability(&agent).await?;
+            Ok::<_, memos_redis::hot::Error>((inbox, availability))
+        })
+        .await
+    };
     match cached {
         Ok((Some(items), availability)) => {
             let items = serde_json::from_str(&items);
@@ -335,7 +400,9 @@ pub struct TaskWithHistory {
 pub async fn task(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Json<TaskWithHistory>, ApiError> {
+    wait_for_commands(&state, &headers).await?;
     let task = read("task", "the task", tasks::task(&state.pool, &id)).await?;
     let events = read("task", "the task's history", tasks::task_events(&state.pool, &id)).await?;
     match task {
@@ -601,9 +668,11 @@ pub struct TemplateParams {
 pub async fn template(
     State(state): State<AppState>,
     Path(name): Path<String>,
+    headers: HeaderMap,
     params: Result<Query<TemplateParams>, QueryRejection>,
 ) -> Result<Json<TemplateRow>, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    wait_for_commands(&state, &headers).await?;
     read(
         "template",
         "the template",
@@ -685,7 +754,12 @@ pub struct StepState {
     pub duration_ms: Option<i64>,
 }
 
-pub async fn workflow(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn workflow(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    wait_for_commands(&state, &headers).await?;
     let workflow = read("workflow", "the workflow", tasks::workflow(&state.pool, &id))
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no workflow {id}")))?;
@@ -792,7 +866,8 @@ pub struct AgentLoad {
     pub max_concurrent: i32,
 }
 
-pub async fn stats(State(state): State<AppState>) -> Result<Json<Stats>, ApiError> {
+pub async fn stats(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Stats>, ApiError> {
+    wait_for_commands(&state, &headers).await?;
     let figures = read("orchestrator_stats", "the figures", tasks::stats(&state.pool)).await?;
     let agents = read("agents", "the agents", tasks::agents(&state.pool, None)).await?;
     Ok(Json(Stats {
