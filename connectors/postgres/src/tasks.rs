@@ -462,6 +462,38 @@ pub async fn task(pool: &PgPool, task_id: &str) -> Result<Option<TaskRow>, sqlx:
     .await
 }
 
+/// Filters and page of [`list_tasks`]; `None` filters match everything.
+#[derive(Debug, Default, Clone)]
+pub struct TaskFilter {
+    pub agent_id: Option<String>,
+    pub status: Option<String>,
+    pub workflow_id: Option<String>,
+    /// Only tasks strictly after this `(updated_at, task_id)` in the order of the listing.
+    pub after: Option<(DateTime<Utc>, String)>,
+    pub limit: i64,
+}
+
+/// Tasks by last change, newest first (ties by task id, descending).
+pub async fn list_tasks(pool: &PgPool, filter: &TaskFilter) -> Result<Vec<TaskRow>, sqlx::Error> {
+    let (after_time, after_id) = filter.after.clone().unzip();
+    sqlx::query_as(concat!(
+        "SELECT ",
+        task_columns!(),
+        " FROM tasks WHERE ($1::text IS NULL OR agent_id = $1) AND ($2::text IS NULL OR status = $2)
+            AND ($3::text IS NULL OR workflow_id = $3)
+            AND ($4::timestamptz IS NULL OR (updated_at, task_id) < ($4, $5))
+          ORDER BY updated_at DESC, task_id DESC LIMIT $6"
+    ))
+    .bind(&filter.agent_id)
+    .bind(&filter.status)
+    .bind(&filter.workflow_id)
+    .bind(after_time)
+    .bind(after_id)
+    .bind(filter.limit)
+    .fetch_all(pool)
+    .await
+}
+
 /// The events about a task, in log order.
 pub async fn task_events(pool: &PgPool, task_id: &str) -> Result<Vec<EventRow>, sqlx::Error> {
     sqlx::query_as(concat!(

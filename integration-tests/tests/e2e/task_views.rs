@@ -446,6 +446,40 @@ async fn task_events_become_views_inboxes_and_answers() -> anyhow::Result<()> {
         .collect();
     assert_eq!(loads, vec![("tv-a1", 0), ("tv-a2", 1)]);
 
+    // Listing: filters, newest change first, pages that neither skip nor repeat.
+    let ids = |page: &Value| -> Vec<String> {
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["task_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (_, completed) = get(&http, api.url("/v1/tasks?status=completed")).await?;
+    assert_eq!(ids(&completed), vec!["tv-w1/extract", "tv-t1"]);
+    let (_, held) = get(&http, api.url("/v1/tasks?agent_id=tv-a2&status=assigned")).await?;
+    assert_eq!(ids(&held), vec!["tv-t2"]);
+    let (_, steps) = get(&http, api.url("/v1/tasks?workflow_id=tv-w1")).await?;
+    assert_eq!(ids(&steps), vec!["tv-w1/transform", "tv-w1/extract"]);
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let url = match &cursor {
+            Some(c) => api.url(&format!("/v1/tasks?limit=3&cursor={c}")),
+            None => api.url("/v1/tasks?limit=3"),
+        };
+        let (status, page) = get(&http, url).await?;
+        assert_eq!(status, 200, "{page}");
+        seen.extend(ids(&page));
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.replace('/', "%2F")),
+            None => break,
+        }
+    }
+    assert_eq!(seen, vec!["tv-w1/transform", "tv-w1/extract", "tv-t2", "tv-t1"]);
+    let (status, bad) = get(&http, api.url("/v1/tasks?status=lost")).await?;
+    assert_eq!((status, bad["field"].as_str()), (400, Some("status")));
+
     // The audit trail holds every event once, in log order, and the bad record went to the DLQ.
     let (rows, rejections): (i64, i64) =
         sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE type = 'COMMAND_REJECTED') FROM task_events")

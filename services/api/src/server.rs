@@ -51,7 +51,7 @@ pub fn router(state: AppState) -> Router {
         .route("/agents/{agent}", delete(tasks::deregister_agent))
         .route("/agents/{agent}/heartbeat", post(tasks::heartbeat))
         .route("/agents/{agent}/inbox", get(tasks::inbox))
-        .route("/tasks", post(tasks::delegate))
+        .route("/tasks", post(tasks::delegate).get(tasks::list_tasks))
         .route("/tasks/{id}", get(tasks::task))
         .route("/tasks/{id}/start", post(tasks::start))
         .route("/tasks/{id}/complete", post(tasks::complete))
@@ -211,6 +211,7 @@ impl Api {
             "workflow",
             "orchestrator_stats",
             "decided_commands",
+            "tasks",
         ] {
             metrics::counter!(m::POSTGRES_ERRORS, "op" => op).increment(0);
         }

@@ -4,8 +4,8 @@
 //! `POST /v1/tasks/{id}/start|complete|fail|cancel`, `POST /v1/workflow-templates`,
 //! `POST /v1/workflows`. Queries (from the task views the projector keeps from the
 //! orchestrator's events): `GET /v1/agents`, `GET /v1/agents/{agent}/inbox` (Redis, PostgreSQL
-//! when Redis has no copy or fails), `GET /v1/tasks/{id}` (with its event history),
-//! `GET /v1/workflow-templates/{name}`, `GET /v1/workflows/{id}` (each step's state and
+//! when Redis has no copy or fails), `GET /v1/tasks` (filters, keyset pagination),
+//! `GET /v1/tasks/{id}` (with its event history), `GET /v1/workflow-templates/{name}`, `GET /v1/workflows/{id}` (each step's state and
 //! result), `GET /v1/orchestrator/stats`.
 //!
 //! Read your writes: a query carrying `X-Memos-Command` (command ids from `202` answers,
@@ -387,6 +387,88 @@ pub async fn delegate(
         agent_id: None,
     };
     commands::append_task(&state, command, h.tracestate.as_deref(), ids).await
+}
+
+/// Statuses a task can have.
+const TASK_STATUSES: [&str; 7] = [
+    "pending",
+    "assigned",
+    "running",
+    "completed",
+    "failed",
+    "dead_lettered",
+    "cancelled",
+];
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListTasksParams {
+    pub agent_id: Option<String>,
+    pub status: Option<String>,
+    pub workflow_id: Option<String>,
+    /// 1 to 200, 50 when absent.
+    pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// A page of tasks, newest change first.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TaskPage {
+    pub items: Vec<TaskRow>,
+    /// Pass back as `cursor` for the next page; absent on the last one.
+    pub next_cursor: Option<String>,
+}
+
+/// `GET /v1/tasks?agent_id&status&workflow_id&limit&cursor`.
+pub async fn list_tasks(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    params: Result<Query<ListTasksParams>, QueryRejection>,
+) -> Result<Json<TaskPage>, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    if let Some(status) = params.status.as_deref()
+        && !TASK_STATUSES.contains(&status)
+    {
+        return Err(
+            ApiError::bad_request(format!("status must be one of {}", TASK_STATUSES.join(", ")))
+                .with_field("status"),
+        );
+    }
+    let limit = params.limit.unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(ApiError::bad_request("limit must be between 1 and 200").with_field("limit"));
+    }
+    let after = params
+        .cursor
+        .as_deref()
+        .map(|cursor| {
+            let (ms, task_id) = cursor.split_once(':').unwrap_or_default();
+            let time = ms
+                .parse::<i64>()
+                .ok()
+                .and_then(chrono::DateTime::from_timestamp_millis)
+                .filter(|_| !task_id.is_empty())
+                .ok_or_else(|| {
+                    ApiError::bad_request("cursor is not one this API gave").with_field("cursor")
+                })?;
+            Ok::<_, ApiError>((time, task_id.to_owned()))
+        })
+        .transpose()?;
+    wait_for_commands(&state, &headers).await?;
+    let filter = tasks::TaskFilter {
+        agent_id: params.agent_id,
+        status: params.status,
+        workflow_id: params.workflow_id,
+        after,
+        limit,
+    };
+    let items = read("tasks", "the tasks", tasks::list_tasks(&state.pool, &filter)).await?;
+    let next_cursor = (items.len() as i64 == limit)
+        .then(|| items.last())
+        .flatten()
+        .map(|t| format!("{}:{}", t.updated_at.timestamp_millis(), t.task_id));
+    Ok(Json(TaskPage { items, next_cursor }))
 }
 
 /// `GET /v1/tasks/{id}`: the task and every event about it, in log order.
