@@ -680,8 +680,9 @@ with open(sys.argv[1], "rb") as f:
             "value_hex": None if r["value"] is None else r["value"].hex(),
             "schema": r["schema"],
             "command": None if r["command_json"] is None else json.loads(r["command_json"]),
+            "record": r["command"],
         })
-print(json.dumps({"schema": schema["name"], "records": out}))
+print(json.dumps({"schema": schema["name"], "records": out}, default=str))
 "#;
     let python = std::process::Command::new("python3")
         .arg("-c")
@@ -717,6 +718,14 @@ print(json.dumps({"schema": schema["name"], "records": out}))
         let value = hex_decode(record["value_hex"].as_str().unwrap());
         let command = MemoryCommand::decode(&value)?;
         assert_eq!(record["command"]["command_id"], command.command_id());
+        // The decoded record, a branch of the `command` union, read by fastavro itself.
+        assert_eq!(record["record"]["command_id"], command.command_id());
+        assert_eq!(record["record"]["namespace"], command.namespace());
+        assert_eq!(record["record"]["actor"], command.actor());
+        if let MemoryCommand::Write(w) = &command {
+            assert_eq!(record["record"]["content"], w.content.as_str());
+            assert_eq!(record["record"]["tier"], w.tier.as_str());
+        }
         assert!(command.namespace() == "agent-a" || command.actor() == "agent-a");
     }
     // The bytes are the log's own: each command id's position matches the view.

@@ -11,9 +11,11 @@
 //! offset. The file is written to `FILE.partial` and renamed when complete, so a file with
 //! the final name is never half-written.
 //!
-//! Formats: `avro`, an Avro object container file (schema [`EXPORT_SCHEMA`], deflate-free,
-//! readable by any Avro implementation such as `fastavro` or `avro-tools tojson`); `jsonl`,
-//! one JSON object per line with the same fields (bytes as base64-free hex strings).
+//! Formats: `avro`, an Avro object container file (schema `memos.export.LogRecord`, see
+//! [`export_schema_json`]: position, timestamp, key, headers, the raw value, and the decoded
+//! command as a union of the command schemas; uncompressed; readable by any Avro
+//! implementation such as `fastavro` or `avro-tools tojson`); `jsonl`, one JSON object per
+//! line with the same fields (the value as a hex string, the command as JSON).
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -25,13 +27,17 @@ use apache_avro::types::Value as Avro;
 use chrono::{DateTime, Utc};
 use clap::{Args, ValueEnum};
 use memos_runtime::Config;
+use std::collections::HashSet;
+
 use memos_schemas::MemoryCommand;
+use memos_schemas::registry::{CommandKind, RELEASED, registry};
 use serde_json::{Value, json};
 
 use crate::logread::{self, LogRecord};
 
-/// The schema of an exported record.
-pub const EXPORT_SCHEMA: &str = r#"{
+/// The schema of an exported record, without its `command` field (added by
+/// [`export_schema_json`]).
+const EXPORT_SCHEMA_BASE: &str = r#"{
   "type": "record",
   "name": "LogRecord",
   "namespace": "memos.export",
@@ -50,6 +56,84 @@ pub const EXPORT_SCHEMA: &str = r#"{
     {"name": "command_json", "type": ["null", "string"], "doc": "The decoded command as JSON, when it decodes"}
   ]
 }"#;
+
+/// The command kinds, in the order of the `command` union's branches (after `null`).
+const KINDS: [CommandKind; 6] = [
+    CommandKind::WriteMemory,
+    CommandKind::UpdateMemory,
+    CommandKind::ForgetMemory,
+    CommandKind::ShareMemory,
+    CommandKind::RevokeShare,
+    CommandKind::RegisterTool,
+];
+
+/// Replaces every named type defined a second time by a reference to its full name (the
+/// command schemas each define the `Tier` enum; a union of them may define it once).
+fn dedupe_named(value: &mut Value, namespace: &str, defined: &mut HashSet<String>) {
+    match value {
+        Value::Object(map) => {
+            let named = matches!(
+                map.get("type").and_then(Value::as_str),
+                Some("record" | "enum" | "fixed")
+            );
+            let mut inner = namespace.to_owned();
+            if named && let Some(name) = map.get("name").and_then(Value::as_str) {
+                let space = map
+                    .get("namespace")
+                    .and_then(Value::as_str)
+                    .unwrap_or(namespace)
+                    .to_owned();
+                let full = if name.contains('.') || space.is_empty() {
+                    name.to_owned()
+                } else {
+                    format!("{space}.{name}")
+                };
+                if !defined.insert(full.clone()) {
+                    *value = Value::String(full);
+                    return;
+                }
+                inner = full.rsplit_once('.').map_or(String::new(), |(s, _)| s.to_owned());
+            }
+            for (_, child) in map.iter_mut() {
+                dedupe_named(child, &inner, defined);
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                dedupe_named(item, namespace, defined);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The export schema: [`EXPORT_SCHEMA_BASE`] plus a `command` field, a union of `null` and
+/// the current schema of every command, holding the decoded command.
+pub fn export_schema_json() -> String {
+    let mut base: Value = serde_json::from_str(EXPORT_SCHEMA_BASE).expect("export schema is JSON");
+    let mut defined = HashSet::new();
+    let mut branches = vec![Value::String("null".into())];
+    for kind in KINDS {
+        let current = registry().current(kind);
+        let released = RELEASED
+            .iter()
+            .find(|r| r.kind == kind && r.version == current.version)
+            .expect("the current schema is released");
+        let mut schema: Value = serde_json::from_str(released.json).expect("released schemas are JSON");
+        dedupe_named(&mut schema, "", &mut defined);
+        branches.push(schema);
+    }
+    let field = json!({
+        "name": "command",
+        "type": branches,
+        "doc": "The decoded command in its current schema (null when the record does not decode)",
+        "default": null,
+    });
+    if let Some(Value::Array(fields)) = base.get_mut("fields") {
+        fields.push(field);
+    }
+    base.to_string()
+}
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum Format {
@@ -139,7 +223,25 @@ fn avro_value(e: &Exported) -> Avro {
                     .map(|c| Avro::String(command_json(c).to_string())),
             ),
         ),
+        ("command".into(), command_union(e)),
     ])
+}
+
+/// The decoded command as a branch of the `command` union: the record read into the current
+/// schema of its kind, exactly as the projector reads it.
+fn command_union(e: &Exported) -> Avro {
+    let decoded = e
+        .command
+        .as_ref()
+        .and(e.record.payload.as_deref())
+        .and_then(|payload| registry().decode_value(payload).ok());
+    match decoded {
+        Some((kind, value)) => match KINDS.iter().position(|k| *k == kind) {
+            Some(i) => Avro::Union(i as u32 + 1, Box::new(value)),
+            None => Avro::Union(0, Box::new(Avro::Null)),
+        },
+        None => Avro::Union(0, Box::new(Avro::Null)),
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -246,7 +348,7 @@ fn write(path: &Path, format: Format, records: &[Exported]) -> anyhow::Result<()
     let mut out = BufWriter::new(file);
     match format {
         Format::Avro => {
-            let schema = Schema::parse_str(EXPORT_SCHEMA).context("export schema")?;
+            let schema = Schema::parse_str(&export_schema_json()).context("export schema")?;
             let mut writer = apache_avro::Writer::new(&schema, &mut out)?;
             for record in records {
                 writer
@@ -283,7 +385,7 @@ mod tests {
 
     #[test]
     fn export_schema_parses_and_accepts_a_record() {
-        let schema = Schema::parse_str(EXPORT_SCHEMA).unwrap();
+        let schema = Schema::parse_str(&export_schema_json()).unwrap();
         let exported = Exported {
             record: LogRecord {
                 topic: "t".into(),
