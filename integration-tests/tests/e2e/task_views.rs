@@ -810,6 +810,14 @@ async fn task_requests_are_validated_routed_and_answered() -> anyhow::Result<()>
             None,
         ),
         ("/v1/tasks/nope/cancel", String::new(), 404, "not_found", None),
+        // Checked before the lookup: a bad command about an unknown task is a 413/422, not a 404.
+        (
+            "/v1/tasks/nope/complete",
+            json!({"agent_id": "a", "result": big}).to_string(),
+            413,
+            "too_large",
+            Some("result"),
+        ),
         // What the orchestrator could only reject, from a request that cannot be a retry.
         (
             "/v1/tasks",

@@ -518,12 +518,31 @@ fn conflict(message: String) -> ApiError {
     ApiError::new(StatusCode::CONFLICT, "conflict", message)
 }
 
-fn task_ids(task: &TaskRow, agent_id: Option<String>) -> TaskIds {
-    TaskIds {
-        task_id: Some(task.task_id.clone()),
-        workflow_id: task.workflow_id.clone(),
+/// Appends a command about an existing task: validated first (a bad request is refused before
+/// any lookup), then routed to the task's workflow (its routing key) once the task is known.
+async fn append_for_task(
+    state: &AppState,
+    mut command: TaskCommand,
+    command_id: Option<Uuid>,
+    tracestate: Option<&str>,
+    agent_id: Option<String>,
+) -> Answer {
+    command.validate()?;
+    let (task_id, workflow_id) = match &mut command {
+        TaskCommand::Start(c) => (c.task_id.clone(), &mut c.workflow_id),
+        TaskCommand::Complete(c) => (c.task_id.clone(), &mut c.workflow_id),
+        TaskCommand::Fail(c) => (c.task_id.clone(), &mut c.workflow_id),
+        TaskCommand::Cancel(c) => (c.task_id.clone(), &mut c.workflow_id),
+        _ => return Err(ApiError::bad_request("not a command about a task")),
+    };
+    let task = known_task(state, &task_id, command_id).await?;
+    workflow_id.clone_from(&task.workflow_id);
+    let ids = TaskIds {
+        task_id: Some(task.task_id),
+        workflow_id: task.workflow_id,
         agent_id,
-    }
+    };
+    commands::append_task(state, command, tracestate, ids).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -542,18 +561,24 @@ pub async fn start(
 ) -> Answer {
     let Json(request) = body?;
     let h = commands::header(&headers, &request.agent_id, request.command_id)?;
-    let task = known_task(&state, &id, request.command_id).await?;
     let command = TaskCommand::Start(StartTask {
         command_id: h.command_id,
         actor: h.actor,
         issued_at: h.issued_at,
         traceparent: h.traceparent,
-        task_id: task.task_id.clone(),
+        task_id: id,
         agent_id: request.agent_id.clone(),
-        workflow_id: task.workflow_id.clone(),
+        workflow_id: None,
     });
-    let ids = task_ids(&task, Some(request.agent_id));
-    commands::append_task(&state, command, h.tracestate.as_deref(), ids).await
+    let agent = Some(request.agent_id);
+    append_for_task(
+        &state,
+        command,
+        request.command_id,
+        h.tracestate.as_deref(),
+        agent,
+    )
+    .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -574,32 +599,25 @@ pub async fn complete(
 ) -> Answer {
     let Json(request) = body?;
     let h = commands::header(&headers, &request.agent_id, request.command_id)?;
-    let result_json = json_text(request.result, Value::Null);
-    // Size before the lookup, so an oversized result is refused without touching the views.
-    TaskCommand::Complete(CompleteTask {
-        command_id: h.command_id.clone(),
-        actor: h.actor.clone(),
-        issued_at: h.issued_at,
-        traceparent: None,
-        task_id: id.clone(),
-        agent_id: request.agent_id.clone(),
-        workflow_id: None,
-        result_json: result_json.clone(),
-    })
-    .validate()?;
-    let task = known_task(&state, &id, request.command_id).await?;
     let command = TaskCommand::Complete(CompleteTask {
         command_id: h.command_id,
         actor: h.actor,
         issued_at: h.issued_at,
         traceparent: h.traceparent,
-        task_id: task.task_id.clone(),
+        task_id: id,
         agent_id: request.agent_id.clone(),
-        workflow_id: task.workflow_id.clone(),
-        result_json,
+        workflow_id: None,
+        result_json: json_text(request.result, Value::Null),
     });
-    let ids = task_ids(&task, Some(request.agent_id));
-    commands::append_task(&state, command, h.tracestate.as_deref(), ids).await
+    let agent = Some(request.agent_id);
+    append_for_task(
+        &state,
+        command,
+        request.command_id,
+        h.tracestate.as_deref(),
+        agent,
+    )
+    .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -622,20 +640,26 @@ pub async fn fail(
 ) -> Answer {
     let Json(request) = body?;
     let h = commands::header(&headers, &request.agent_id, request.command_id)?;
-    let task = known_task(&state, &id, request.command_id).await?;
     let command = TaskCommand::Fail(FailTask {
         command_id: h.command_id,
         actor: h.actor,
         issued_at: h.issued_at,
         traceparent: h.traceparent,
-        task_id: task.task_id.clone(),
+        task_id: id,
         agent_id: request.agent_id.clone(),
-        workflow_id: task.workflow_id.clone(),
+        workflow_id: None,
         error: request.error,
         retriable: request.retriable.unwrap_or(true),
     });
-    let ids = task_ids(&task, Some(request.agent_id));
-    commands::append_task(&state, command, h.tracestate.as_deref(), ids).await
+    let agent = Some(request.agent_id);
+    append_for_task(
+        &state,
+        command,
+        request.command_id,
+        h.tracestate.as_deref(),
+        agent,
+    )
+    .await
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -655,18 +679,16 @@ pub async fn cancel(
 ) -> Answer {
     let request: CancelRequest = optional_body(body)?;
     let h = commands::header(&headers, "api", request.command_id)?;
-    let task = known_task(&state, &id, request.command_id).await?;
     let command = TaskCommand::Cancel(CancelTask {
         command_id: h.command_id,
         actor: h.actor,
         issued_at: h.issued_at,
         traceparent: h.traceparent,
-        task_id: task.task_id.clone(),
-        workflow_id: task.workflow_id.clone(),
+        task_id: id,
+        workflow_id: None,
         reason: request.reason,
     });
-    let ids = task_ids(&task, None);
-    commands::append_task(&state, command, h.tracestate.as_deref(), ids).await
+    append_for_task(&state, command, request.command_id, h.tracestate.as_deref(), None).await
 }
 
 // ---- workflows ----
