@@ -920,6 +920,21 @@ async fn promote_under_load_switches_every_process_and_loses_no_request() -> any
     memosctl_ok(&env, &["replay", "--into", "recheck"])?;
     let out = memosctl_ok(&env, &["verify", "recheck"])?;
     assert!(out.contains("equal: recheck matches rebuilt"), "{out}");
+
+    // And back: the previous schema is caught up from the log and becomes active again.
+    memosctl_ok(&env, &["promote", "public"])?;
+    let (active,): (String,) = sqlx::query_as("SELECT schema_name FROM memos_control.active_view")
+        .fetch_one(&env.pool)
+        .await?;
+    assert_eq!(active, "public");
+    let out = memosctl_ok(&env, &["verify", "recheck"])?;
+    assert!(out.contains("equal: recheck matches public"), "{out}");
+    let w = api.write("agent-a", "after switching back", json!({})).await?;
+    assert_eq!(
+        api.decided(w["command_id"].as_str().unwrap()).await?["status"],
+        "applied"
+    );
+    caught_up_in(&env, "public").await?;
     drop(memos);
     env.cleanup().await;
     Ok(())
