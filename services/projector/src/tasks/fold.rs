@@ -514,6 +514,48 @@ mod tests {
     }
 
     #[test]
+    fn a_heartbeat_revives_a_lost_agent_but_not_a_deregistered_one() {
+        let heartbeat = |offset, id: &str| {
+            let id = id.to_owned();
+            event(offset, TaskEventType::AgentHeartbeat, move |e| {
+                e.agent_id = Some(id)
+            })
+        };
+        let batch = vec![
+            event(0, TaskEventType::AgentRegistered, agent("lost")),
+            event(1, TaskEventType::AgentRegistered, agent("gone")),
+            event(2, TaskEventType::AgentLost, |e| e.agent_id = Some("lost".into())),
+            event(3, TaskEventType::AgentDeregistered, |e| {
+                e.agent_id = Some("gone".into())
+            }),
+            heartbeat(4, "lost"),
+            heartbeat(5, "gone"),
+            // Never registered in this log: no row to change.
+            heartbeat(6, "stranger"),
+        ];
+        let changes = fold(TaskState::default(), &batch, "t").changes;
+        let agents: Vec<(&str, &str, Option<i64>)> = changes
+            .agents
+            .iter()
+            .map(|a| {
+                (
+                    a.agent_id.as_str(),
+                    a.status.as_str(),
+                    a.last_heartbeat_at.map(|t| t.timestamp_millis()),
+                )
+            })
+            .collect();
+        assert_eq!(
+            agents,
+            vec![
+                ("gone", "deregistered", Some(1_005)),
+                ("lost", "alive", Some(1_004))
+            ]
+        );
+        assert_eq!(changes.events.len(), batch.len());
+    }
+
+    #[test]
     fn folding_in_two_batches_equals_folding_at_once() {
         let batch = vec![
             event(0, TaskEventType::WorkflowStarted, |e| {
