@@ -321,6 +321,27 @@ async fn rebuild_into_a_fresh_schema_verifies_equal_and_verify_reports_altered_r
     let (code, out, _) = memosctl(&env, &["verify", "partial", "--json"])?;
     assert_eq!(code, 2, "a partial rebuild differs from the live views: {out}");
 
+    // --until a time: before the first record nothing, after the last one everything.
+    let out = memosctl_ok(
+        &env,
+        &[
+            "replay",
+            "--into",
+            "early",
+            "--until",
+            "2001-01-01T00:00:00Z",
+            "--json",
+        ],
+    )?;
+    let report: Value = serde_json::from_str(out.trim())?;
+    assert_eq!(
+        (report["records"].as_i64(), report["next_offsets"].clone()),
+        (Some(0), json!({}))
+    );
+    let later = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    memosctl_ok(&env, &["replay", "--into", "late", "--until", &later])?;
+    memosctl_ok(&env, &["verify", "late"])?;
+
     let (code, _, err) = memosctl(&env, &["replay", "--projection", "tasks", "--into", "t"])?;
     assert_ne!(code, 0);
     assert!(err.contains("E_UNAVAILABLE"), "{err}");
