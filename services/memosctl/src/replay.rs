@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use memos_postgres::bulk;
-use memos_postgres::memories::{Memory, ShareKey, ShareRow, State, ToolRow};
+use memos_postgres::memories::{HistoryRow, Memory, ShareKey, ShareRow, State, ToolRow};
 use memos_projector::batch::{self, Record};
 use memos_projector::fold::{self, FoldConfig};
 use memos_runtime::Config;
@@ -212,8 +212,9 @@ struct Rebuilder {
     memories: HashMap<Uuid, Memory>,
     shares: HashMap<String, HashMap<ShareKey, ShareRow>>,
     tools: HashMap<String, HashMap<(String, String), ToolRow>>,
-    /// The history row of each memory's current state, written up to its `valid_to`.
-    open: HashMap<Uuid, String>,
+    /// The history row of each memory's current state, waiting for its `valid_to`. Its
+    /// `state` is left out: it is the memory's state in `memories` until the row closes.
+    open: HashMap<Uuid, HistoryRow>,
     report: Report,
 }
 
@@ -261,22 +262,37 @@ impl Rebuilder {
         self.report.duplicates += outcome.duplicates as u64;
         let changes = outcome.changes;
         let mut rows = Rows::default();
+        // `self.memories` still holds the states before this chunk: those of the open rows.
         for (id, until) in &changes.close_history {
-            if let Some(mut line) = self.open.remove(id) {
-                bulk::history_line_end(&mut line, Some(*until));
-                rows.history.push_str(&line);
+            if let Some(row) = self.open.remove(id) {
+                write_open(&mut rows.history, row, self.memories.get(id), Some(*until));
             }
         }
         for row in &changes.history {
             self.report.history_rows += 1;
             let opens = row.status == "applied" && row.valid_from.is_some() && row.valid_to.is_none();
             if opens {
-                let mut line = String::with_capacity(512);
-                bulk::history_line_start(&mut line, row);
-                if let Some(mut earlier) = self.open.insert(row.memory_id, line) {
+                let open = HistoryRow {
+                    memory_id: row.memory_id,
+                    command_id: row.command_id,
+                    version: row.version,
+                    operation: row.operation.clone(),
+                    actor: row.actor.clone(),
+                    status: row.status.clone(),
+                    reason: row.reason.clone(),
+                    change: row.change.clone(),
+                    state: None,
+                    log_partition: row.log_partition,
+                    log_offset: row.log_offset,
+                    record_time: row.record_time,
+                    trace_id: row.trace_id.clone(),
+                    valid_from: row.valid_from,
+                    valid_to: None,
+                };
+                if let Some(earlier) = self.open.insert(row.memory_id, open) {
                     // Cannot happen (the fold closes the earlier state); never lose a row.
-                    bulk::history_line_end(&mut earlier, Some(row.record_time));
-                    rows.history.push_str(&earlier);
+                    let memory = self.memories.get(&row.memory_id);
+                    write_open(&mut rows.history, earlier, memory, Some(row.record_time));
                 }
             } else {
                 bulk::history_line_start(&mut rows.history, row);
@@ -309,6 +325,19 @@ impl Rebuilder {
         }
         rows
     }
+}
+
+/// Writes an open history row with the state it stands for (the memory as it was while the
+/// row was open) and its end.
+fn write_open(
+    out: &mut String,
+    mut row: HistoryRow,
+    memory: Option<&Memory>,
+    valid_to: Option<chrono::DateTime<chrono::Utc>>,
+) {
+    row.state = memory.map(fold::history_state);
+    bulk::history_line_start(out, &row);
+    bulk::history_line_end(out, valid_to);
 }
 
 fn to_record(record: logread::LogRecord) -> Record {
@@ -476,11 +505,11 @@ pub async fn rebuild(
         // The states still current (no end yet) and the current memories, concurrently on
         // the two connections.
         let open = std::mem::take(&mut rebuilder.open);
+        let memories = &rebuilder.memories;
         let flush_history = async {
             let mut buffer = String::new();
-            for (_, mut line) in open {
-                bulk::history_line_end(&mut line, None);
-                buffer.push_str(&line);
+            for (id, row) in open {
+                write_open(&mut buffer, row, memories.get(&id), None);
                 if buffer.len() > 4 << 20 {
                     history.send(std::mem::take(&mut buffer).as_bytes()).await?;
                 }
@@ -491,7 +520,6 @@ pub async fn rebuild(
             history.finish().await?;
             Ok::<_, sqlx::Error>(())
         };
-        let memories = &rebuilder.memories;
         let copy_memories = async {
             let mut copy = commands_conn.copy_in_raw(&bulk::copy_memories(schema)).await?;
             let mut buffer = String::new();

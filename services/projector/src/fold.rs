@@ -117,7 +117,7 @@ pub fn touched(batch: &[Decided]) -> (Vec<Uuid>, Vec<Uuid>, Vec<String>, Vec<Str
 /// A memory as its history keeps it: everything but the embedding vector, which stays in
 /// the current view only (the history records that it changed and its dimension); it is by
 /// far the largest field and no as-of or audit question needs the numbers.
-fn history_state(memory: &Memory) -> Value {
+pub fn history_state(memory: &Memory) -> Value {
     let mut value = serde_json::to_value(memory).unwrap_or(Value::Null);
     if let Value::Object(map) = &mut value {
         let dimensions = memory.embedding.as_ref().map(Vec::len);
