@@ -66,6 +66,8 @@ struct Report {
     assign_latency_ms_p50: f64,
     assign_latency_ms_p99: f64,
     assign_latency_ms_max: f64,
+    transactions: f64,
+    mean_transaction_ms: f64,
     orchestrator_rss_mb: f64,
     orchestrator_peak_rss_mb: f64,
     cpu: CpuUsage,
@@ -144,7 +146,10 @@ async fn measure(
         ),
         ("MEMOS__ORCHESTRATOR__HEARTBEAT_WINDOW", "1h".to_owned()),
         ("MEMOS__HTTP__BIND", "127.0.0.1:0".to_owned()),
-        ("RUST_LOG", "info".to_owned()),
+        (
+            "RUST_LOG",
+            std::env::var("MEMOS_BENCH_LOG").unwrap_or_else(|_| "info".to_owned()),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -293,6 +298,7 @@ async fn measure(
         }
     }
     let last_visible = seen.values().max().copied().unwrap_or_default();
+    let (transactions, transaction_ms) = transaction_stats(&process).await.unwrap_or((0.0, 0.0));
     let cpu_after = sys::cpu_snapshot(&[(process.pid(), "memos")]);
     let rss = sys::rss_kb(process.pid()).unwrap_or((0, 0));
     stop.store(true, Ordering::Relaxed);
@@ -317,11 +323,38 @@ async fn measure(
         assign_latency_ms_p50: round(quantile(&latencies, 0.5), 1),
         assign_latency_ms_p99: round(quantile(&latencies, 0.99), 1),
         assign_latency_ms_max: round(latencies.last().copied().unwrap_or(0.0), 1),
+        transactions,
+        mean_transaction_ms: round(transaction_ms, 2),
         orchestrator_rss_mb: round(rss.0 as f64 / 1024.0, 1),
         orchestrator_peak_rss_mb: round(rss.1 as f64 / 1024.0, 1),
         cpu: cpu_before.usage_until(&cpu_after),
         machine: sys::machine(),
     })
+}
+
+/// Committed transactions and their mean duration (ms), from the orchestrator's /metrics.
+async fn transaction_stats(process: &MemosProcess) -> anyhow::Result<(f64, f64)> {
+    let log = std::fs::read_to_string(&process.log)?;
+    let line = log
+        .lines()
+        .find(|l| l.contains("operations endpoint listening"))
+        .context("no listening line")?;
+    let value: serde_json::Value = serde_json::from_str(line)?;
+    let addr = value["fields"]["addr"].as_str().context("no addr")?;
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await?
+        .text()
+        .await?;
+    let sample = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let count = sample("memos_orchestrator_transaction_seconds_count");
+    let sum = sample("memos_orchestrator_transaction_seconds_sum");
+    Ok((count, if count > 0.0 { sum / count * 1000.0 } else { 0.0 }))
 }
 
 async fn send(producer: &FutureProducer, topic: &str, command: &TaskCommand) -> anyhow::Result<()> {
