@@ -3,11 +3,11 @@
 //!
 //! How: the schema is created and migrated like the live one, then its keys and indexes are
 //! dropped. One thread reads the command topic from the start of every partition (assigned,
-//! no group, nothing committed) up to the end offsets seen at start or the `--until` bound;
-//! another decodes the records with the projector's own [`batch::prepare`] and decides them
+//! no group, nothing committed) up to the end offsets seen at start or the `--until` bound
+//! and decodes the records with the projector's own [`batch::prepare`]; another decides them
 //! in chunks with the projector's pure [`fold`], keeping the whole state in memory; the
-//! decisions stream into `COPY` (history and command status as they are decided, memories,
-//! shares and tools at the end). Keys and indexes are built once the rows are in, and the
+//! decisions stream into `COPY` (command status and closed history rows as they are
+//! decided; the history rows of current states, memories, shares and tools at the end). Keys and indexes are built once the rows are in, and the
 //! schema's `projection_offsets` get, per partition, the next offset after the last record
 //! replayed. Progress (records, rate, ETA) goes to stderr.
 //!
