@@ -505,16 +505,46 @@ pub async fn rebuild(
         // The states still current (no end yet) and the current memories, concurrently on
         // the two connections.
         let open = std::mem::take(&mut rebuilder.open);
-        let memories = &rebuilder.memories;
-        let flush_history = async {
-            let mut buffer = String::new();
-            for (id, row) in open {
-                write_open(&mut buffer, row, memories.get(&id), None);
-                if buffer.len() > 4 << 20 {
-                    history.send(std::mem::take(&mut buffer).as_bytes()).await?;
+        let memories = Arc::new(std::mem::take(&mut rebuilder.memories));
+        // Encoding runs on two blocking threads, sending on the two connections here.
+        let (history_tx, mut history_rx) = mpsc::channel::<String>(4);
+        let encode_history = {
+            let memories = memories.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut buffer = String::new();
+                for (id, row) in open {
+                    write_open(&mut buffer, row, memories.get(&id), None);
+                    if buffer.len() > 4 << 20
+                        && history_tx.blocking_send(std::mem::take(&mut buffer)).is_err()
+                    {
+                        return;
+                    }
                 }
-            }
-            if !buffer.is_empty() {
+                if !buffer.is_empty() {
+                    let _ = history_tx.blocking_send(buffer);
+                }
+            })
+        };
+        let (memories_tx, mut memories_rx) = mpsc::channel::<String>(4);
+        let encode_memories = {
+            let memories = memories.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut buffer = String::new();
+                for memory in memories.values() {
+                    bulk::memory_line(&mut buffer, memory);
+                    if buffer.len() > 4 << 20
+                        && memories_tx.blocking_send(std::mem::take(&mut buffer)).is_err()
+                    {
+                        return;
+                    }
+                }
+                if !buffer.is_empty() {
+                    let _ = memories_tx.blocking_send(buffer);
+                }
+            })
+        };
+        let flush_history = async {
+            while let Some(buffer) = history_rx.recv().await {
                 history.send(buffer.as_bytes()).await?;
             }
             history.finish().await?;
@@ -522,20 +552,16 @@ pub async fn rebuild(
         };
         let copy_memories = async {
             let mut copy = commands_conn.copy_in_raw(&bulk::copy_memories(schema)).await?;
-            let mut buffer = String::new();
-            for memory in memories.values() {
-                bulk::memory_line(&mut buffer, memory);
-                if buffer.len() > 4 << 20 {
-                    copy.send(std::mem::take(&mut buffer).as_bytes()).await?;
-                }
-            }
-            if !buffer.is_empty() {
+            while let Some(buffer) = memories_rx.recv().await {
                 copy.send(buffer.as_bytes()).await?;
             }
             copy.finish().await?;
             Ok::<_, sqlx::Error>(())
         };
         tokio::try_join!(flush_history, copy_memories)?;
+        encode_history.await?;
+        encode_memories.await?;
+        rebuilder.memories = Arc::try_unwrap(memories).unwrap_or_else(|shared| (*shared).clone());
         Ok(rebuilder)
     }
     .await;
