@@ -120,8 +120,18 @@ pub async fn create_schema(pool: &PgPool, url: &str, schema: &str, replace: bool
 pub struct IndexDef {
     pub table: String,
     pub name: String,
+    /// A primary key or unique constraint (created with `ALTER TABLE`, which locks the table
+    /// exclusively), not a plain index.
+    pub constraint: bool,
     drop: String,
     create: String,
+}
+
+impl IndexDef {
+    /// The statement that creates it again.
+    pub fn create_statement(&self) -> &str {
+        &self.create
+    }
 }
 
 /// A row of the index catalogue query: table, index, index definition, and the key
@@ -158,12 +168,14 @@ pub async fn drop_indexes(
                 create: format!("ALTER TABLE {schema}.{table} ADD CONSTRAINT {name} {def}"),
                 table,
                 name,
+                constraint: true,
             },
             _ => IndexDef {
                 drop: format!("DROP INDEX {schema}.{index}"),
                 create: index_def,
                 table,
                 name: index,
+                constraint: false,
             },
         };
         sqlx::raw_sql(sqlx::AssertSqlSafe(def.drop.clone()))

@@ -242,6 +242,29 @@ async fn rebuild_into_a_fresh_schema_verifies_equal_and_verify_reports_altered_r
     assert_eq!(report["rejected"], 3, "{report}");
     let out = memosctl_ok(&env, &["verify", "rebuilt"])?;
     assert!(out.contains("equal: rebuilt matches public"), "{out}");
+    // Built after the load, the rebuilt schema has every key and index of the live one.
+    let indexes = |schema: &'static str| {
+        let pool = env.pool.clone();
+        async move {
+            let rows: Vec<(String, String)> = sqlx::query_as(
+                "SELECT tablename::text, indexname::text FROM pg_indexes WHERE schemaname = $1
+                 AND tablename IN ('memories', 'memory_history', 'memory_commands', 'memory_shares', 'tools', 'projection_offsets')
+                 ORDER BY 1, 2",
+            )
+            .bind(schema)
+            .fetch_all(&pool)
+            .await?;
+            anyhow::Ok(rows)
+        }
+    };
+    let live_indexes = indexes("public").await?;
+    assert!(
+        live_indexes
+            .iter()
+            .any(|(_, i)| i.starts_with("memories_embedding_hnsw")),
+        "{live_indexes:?}"
+    );
+    assert_eq!(indexes("rebuilt").await?, live_indexes);
     let tables = json_lines(&memosctl_ok(&env, &["verify", "rebuilt", "--json"])?)?;
     assert_eq!(tables.len(), 6);
     for table in &tables {

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
+use futures::StreamExt;
 use memos_postgres::bulk;
 use memos_postgres::memories::{HistoryRow, Memory, ShareKey, ShareRow, State, ToolRow};
 use memos_projector::batch::{self, Record};
@@ -612,41 +613,59 @@ pub async fn rebuild(
     .await?;
     let load_seconds = started.elapsed().as_secs_f64();
 
-    // Keys and indexes once the rows are in, one connection per table, concurrently; the
-    // vector index (whose dimension comes from configuration) with the memories' indexes.
+    // Keys first (each `ALTER TABLE` locks its table), then the other indexes, heaviest
+    // first, each on a connection of its own, a few at a time. The vector index's dimension
+    // comes from configuration.
     let index_start = Instant::now();
-    let mut by_table: BTreeMap<String, Vec<bulk::IndexDef>> = BTreeMap::new();
-    for def in indexes {
-        by_table.entry(def.table.clone()).or_default().push(def);
-    }
     let dimensions = config.memory.embedding_dimensions;
-    let builds = by_table.into_iter().map(|(table, defs)| {
-        let url = url.clone();
-        async move {
-            let mut conn = PgConnection::connect(&url).await?;
-            // An HNSW build is much faster while its graph fits in maintenance_work_mem.
-            let memory = if table == "memories" { "1GB" } else { "256MB" };
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                "SET maintenance_work_mem = '{memory}'"
-            )))
-            .execute(&mut conn)
-            .await?;
-            bulk::create_indexes(&mut conn, &defs).await?;
-            if table == "memories" {
+    let (keys, others): (Vec<bulk::IndexDef>, Vec<bulk::IndexDef>) =
+        indexes.into_iter().partition(|d| d.constraint);
+    let mut heavy_first: Vec<(String, &str)> = vec![(
+        format!(
+            "CREATE INDEX IF NOT EXISTS memories_embedding_hnsw_{dimensions} ON {schema}.memories
+             USING hnsw ((embedding::vector({dimensions})) vector_cosine_ops)
+             WHERE embedding IS NOT NULL AND forgotten_at IS NULL"
+        ),
+        // An HNSW build is much faster while its graph fits in maintenance_work_mem.
+        "1GB",
+    )];
+    let mut rest: Vec<&bulk::IndexDef> = others.iter().collect();
+    rest.sort_by_key(|d| {
+        (
+            !d.create_statement().contains("USING gin"),
+            d.table.clone(),
+            d.name.clone(),
+        )
+    });
+    heavy_first.extend(rest.iter().map(|d| (d.create_statement().to_owned(), "256MB")));
+    let stages = [
+        keys.iter()
+            .map(|d| (d.create_statement().to_owned(), "256MB"))
+            .collect::<Vec<_>>(),
+        heavy_first,
+    ];
+    for stage in stages {
+        let builds = stage.into_iter().map(|(statement, memory)| {
+            let url = url.clone();
+            async move {
+                let mut conn = PgConnection::connect(&url).await?;
                 sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                    "CREATE INDEX IF NOT EXISTS memories_embedding_hnsw_{dimensions} ON {schema}.memories
-                     USING hnsw ((embedding::vector({dimensions})) vector_cosine_ops)
-                     WHERE embedding IS NOT NULL AND forgotten_at IS NULL"
+                    "SET maintenance_work_mem = '{memory}'"
                 )))
                 .execute(&mut conn)
                 .await?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+                    .execute(&mut conn)
+                    .await?;
+                conn.close().await?;
+                Ok::<_, sqlx::Error>(())
             }
-            conn.close().await?;
-            Ok::<_, sqlx::Error>(())
+        });
+        let results: Vec<Result<(), sqlx::Error>> =
+            futures::stream::iter(builds).buffer_unordered(3).collect().await;
+        for result in results {
+            result.context("E_POSTGRES: building the rebuilt schema's indexes failed")?;
         }
-    });
-    for result in futures::future::join_all(builds).await {
-        result.context("E_POSTGRES: building the rebuilt schema's indexes failed")?;
     }
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "ANALYZE {schema}.memories; ANALYZE {schema}.memory_history; ANALYZE {schema}.memory_commands;
