@@ -26,6 +26,10 @@ use crate::decide::{Rules, decide, reconcile};
 use crate::state::{AgentStatus, State};
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest time a batch is collected once its first command arrived: under a steady stream
+/// the local queue is rarely empty, and waiting for `max_batch_records` would add its
+/// collection time to the latency of every command.
+const BATCH_WINDOW: Duration = Duration::from_millis(20);
 
 /// The orchestrator role: runs [`run_once`] until stopped, restarting it after errors.
 pub struct Orchestrator {
@@ -236,7 +240,11 @@ impl<'a> Worker<'a> {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "2")
-            .set("compression.type", "lz4");
+            .set("compression.type", "lz4")
+            // The coordinator answers CONCURRENT_TRANSACTIONS while it still writes the
+            // previous commit's markers; librdkafka's default 100 ms retry backoff would then
+            // be added to every other transaction.
+            .set("retry.backoff.ms", "5");
         for (key, value) in &config.kafka.properties {
             producer.set(key, value);
         }
@@ -391,7 +399,8 @@ impl<'a> Worker<'a> {
         let max = self.config.orchestrator.max_batch_records;
         let mut batch = Vec::new();
         let mut timeout = self.config.orchestrator.poll_timeout;
-        while batch.len() < max {
+        let mut first: Option<Instant> = None;
+        while batch.len() < max && first.is_none_or(|t| t.elapsed() < BATCH_WINDOW) {
             let polled = self
                 .commands
                 .poll(timeout)
@@ -399,6 +408,7 @@ impl<'a> Worker<'a> {
             self.handle_ownership()?;
             let Some(message) = polled else { break };
             timeout = Duration::ZERO;
+            first.get_or_insert_with(Instant::now);
             batch.push(message?);
         }
         batch.retain(|m| self.owned.contains_key(&m.partition()));
@@ -692,16 +702,17 @@ fn chrono_millis() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Waits until every record of the open transaction is acknowledged, serving delivery
-/// reports. rust-rdkafka's own flush (which `commit_transaction` calls first) polls in
-/// 100 ms slices and so adds up to 100 ms to every commit; with the queue already empty it
-/// returns at once.
+/// Waits until every record of the open transaction is acknowledged, serving the delivery
+/// reports. rust-rdkafka's own flush (which `commit_transaction` calls first) polls in 100 ms
+/// slices, adding up to 100 ms to every commit, and its polls shorter than a millisecond
+/// spin; this checks often and sleeps in between.
 fn flush(producer: &BaseProducer<Deliveries>) -> anyhow::Result<()> {
     let deadline = Instant::now() + KAFKA_TIMEOUT;
     loop {
+        producer.poll(Duration::ZERO);
         match producer.flush(Duration::ZERO) {
             Ok(()) => return Ok(()),
-            Err(_) if Instant::now() < deadline => producer.poll(Duration::from_millis(1)),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_micros(250)),
             Err(e) => return Err(e).context("records of the transaction not acknowledged"),
         }
     }
