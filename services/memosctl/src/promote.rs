@@ -166,6 +166,8 @@ async fn insertable_columns(
 
 /// Copies every table of `from` that the memory projection does not own into `to`
 /// (replacing what `to` has), with sequence positions and the other projections' offsets.
+/// Tables are copied in name order; the views have no foreign keys between tables (a
+/// migration adding one would have to order this copy).
 async fn carry_other_tables(conn: &mut PgConnection, from: &str, to: &str) -> anyhow::Result<Vec<String>> {
     let memory: Vec<&str> = memos_postgres::compare::MEMORY_TABLES
         .iter()
