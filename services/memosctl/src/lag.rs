@@ -93,7 +93,16 @@ fn group_rows(kafka: &memos_runtime::config::KafkaConfig, only: Option<&str>) ->
 
 /// The projections memOS runs, with the topic each one folds.
 fn projections(config: &Config) -> Vec<(&'static str, String)> {
-    vec![("memory", config.topics.memory_commands.clone())]
+    vec![
+        (
+            memos_projector::MEMORY_PROJECTION,
+            config.topics.memory_commands.clone(),
+        ),
+        (
+            memos_projector::tasks::TASK_PROJECTION,
+            config.topics.task_events.clone(),
+        ),
+    ]
 }
 
 async fn projection_rows(config: &Config) -> anyhow::Result<Vec<Row>> {
