@@ -114,7 +114,10 @@ impl TestEnv {
             ("MEMOS__TOPICS__DEAD_LETTER", self.dead_letter_topic.as_str()),
             ("MEMOS__TOPICS__TASK_COMMANDS", self.task_commands_topic.as_str()),
             ("MEMOS__TOPICS__TASK_EVENTS", self.task_events_topic.as_str()),
-            ("MEMOS__ORCHESTRATOR__GROUP_ID", self.orchestrator_group_id.as_str()),
+            (
+                "MEMOS__ORCHESTRATOR__GROUP_ID",
+                self.orchestrator_group_id.as_str(),
+            ),
             ("MEMOS__TOPICS__PARTITIONS", "3"),
             ("MEMOS__PROJECTOR__GROUP_ID", self.group_id.as_str()),
             ("MEMOS__REDIS__KEY_PREFIX", self.redis_prefix.as_str()),

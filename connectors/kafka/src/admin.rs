@@ -72,7 +72,11 @@ pub fn task_topics(topics: &TopicsConfig) -> Vec<TopicSpec> {
 /// Every topic memOS uses.
 pub fn all_topics(topics: &TopicsConfig) -> Vec<TopicSpec> {
     let mut specs = memory_topics(topics);
-    specs.extend(task_topics(topics).into_iter().filter(|t| t.name != topics.dead_letter));
+    specs.extend(
+        task_topics(topics)
+            .into_iter()
+            .filter(|t| t.name != topics.dead_letter),
+    );
     specs
 }
 
