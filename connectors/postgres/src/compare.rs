@@ -1,4 +1,4 @@
-//! Comparing two schemas' copies of the memory views (`memosctl verify`): per table the row
+//! Comparing two schemas' copies of the memory views, or of the task views (`memosctl verify`): per table the row
 //! count and an order-independent checksum (the sum of a 64-bit hash of every whole row's
 //! text), and, when they differ, the keys of the rows that differ. Only the memory
 //! projection's rows of `projection_offsets` are compared (other projections share it).
@@ -56,6 +56,59 @@ pub const MEMORY_TABLES: &[Table] = &[
         rows: "t.projection = 'memory'",
     },
 ];
+
+/// Every task view table (the task projection's), with its key. `agent_view_revisions` is
+/// left out: it counts the batches that touched each agent, for the Redis copy, and so
+/// depends on how the log was cut into batches.
+pub const TASK_TABLES: &[Table] = &[
+    Table {
+        name: "agents",
+        key: &["t.agent_id"],
+        rows: "true",
+    },
+    Table {
+        name: "tasks",
+        key: &["t.task_id"],
+        rows: "true",
+    },
+    Table {
+        name: "workflows",
+        key: &["t.workflow_id"],
+        rows: "true",
+    },
+    Table {
+        name: "workflow_templates",
+        key: &["t.name", "t.version"],
+        rows: "true",
+    },
+    Table {
+        name: "task_events",
+        key: &["t.log_topic", "t.log_partition", "t.log_offset"],
+        rows: "true",
+    },
+    Table {
+        name: "projection_offsets",
+        key: &["t.projection", "t.topic", "t.partition"],
+        rows: "t.projection = 'tasks'",
+    },
+];
+
+/// The tables of a projection by name (`memory` or `tasks`).
+pub fn tables_of(projection: &str) -> Option<&'static [Table]> {
+    match projection {
+        "memory" => Some(MEMORY_TABLES),
+        "tasks" => Some(TASK_TABLES),
+        _ => None,
+    }
+}
+
+/// The projections whose offsets `schema` holds (what a rebuild into it replayed).
+pub async fn projections_in(pool: &PgPool, schema: &str) -> Result<Vec<String>, crate::bulk::BulkError> {
+    check_schema_name(schema)?;
+    let sql = format!("SELECT DISTINCT projection FROM {schema}.projection_offsets ORDER BY 1");
+    let rows: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(pool).await?;
+    Ok(rows.into_iter().map(|(p,)| p).collect())
+}
 
 /// The comparison of one table.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -130,10 +183,21 @@ pub async fn compare(
     right: &str,
     limit: i64,
 ) -> Result<Vec<TableComparison>, crate::bulk::BulkError> {
+    compare_tables(pool, left, right, limit, MEMORY_TABLES).await
+}
+
+/// Compares `tables` of schema `left` with schema `right`.
+pub async fn compare_tables(
+    pool: &PgPool,
+    left: &str,
+    right: &str,
+    limit: i64,
+    tables: &[Table],
+) -> Result<Vec<TableComparison>, crate::bulk::BulkError> {
     check_schema_name(left)?;
     check_schema_name(right)?;
     let mut out = Vec::new();
-    for table in MEMORY_TABLES {
+    for table in tables {
         let (left_rows, left_checksum) = summary(pool, left, table).await?;
         let (right_rows, right_checksum) = summary(pool, right, table).await?;
         let equal = left_rows == right_rows && left_checksum == right_checksum;

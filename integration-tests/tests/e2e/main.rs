@@ -10,4 +10,5 @@ mod observability;
 mod orchestrator;
 mod prometheus;
 mod replay;
+mod replay_tasks;
 mod task_views;

@@ -10,6 +10,7 @@ mod lag;
 mod logread;
 mod promote;
 mod replay;
+mod replay_tasks;
 mod topics;
 mod verify;
 

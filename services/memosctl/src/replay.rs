@@ -51,7 +51,8 @@ const DEFAULT_CHUNK: usize = 4000;
 
 #[derive(Args)]
 pub struct ReplayArgs {
-    /// Which views to rebuild: `memory` (the tasks projection is not available yet).
+    /// Which views to rebuild: `memory` (from the memory commands) or `tasks` (from the
+    /// orchestrator's task events).
     #[arg(long, default_value = "memory")]
     pub projection: String,
     /// The fresh schema to rebuild into (lower-case letters, digits, _).
@@ -126,19 +127,20 @@ pub struct Report {
 }
 
 pub async fn run(config: &Config, args: ReplayArgs) -> anyhow::Result<()> {
-    match args.projection.as_str() {
-        "memory" => {}
-        "tasks" => anyhow::bail!(
-            "E_UNAVAILABLE: the tasks projection cannot be rebuilt yet: its views are not part of this build's replay"
-        ),
+    let tasks = match args.projection.as_str() {
+        "memory" => false,
+        "tasks" => true,
         other => anyhow::bail!("E_ARGUMENT: unknown projection {other:?}; expected memory or tasks"),
-    }
+    };
     let until = args
         .until
         .as_deref()
         .map(parse_until)
         .transpose()?
         .unwrap_or(Until::End);
+    if tasks {
+        return crate::replay_tasks::run(config, &args, until).await;
+    }
     let report = rebuild(config, &args.into, &until, args.replace, args.chunk, true).await?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -170,7 +172,7 @@ pub async fn run(config: &Config, args: ReplayArgs) -> anyhow::Result<()> {
 }
 
 /// The replay's ranges: every partition from offset 0 to its end or the `until` bound.
-fn plan(
+pub(crate) fn plan(
     kafka: &memos_runtime::config::KafkaConfig,
     topic: &str,
     until: &Until,

@@ -1,5 +1,5 @@
-//! `memosctl verify <schema> [--against <schema>]`: compares a rebuilt schema's memory views
-//! with the live ones (the schema the configured database URL resolves to, normally
+//! `memosctl verify <schema> [--against <schema>] [--projection memory|tasks]`: compares a
+//! rebuilt schema's views (those of the projections it holds offsets for) with the live ones (the schema the configured database URL resolves to, normally
 //! `public`): per table, row counts and order-independent checksums, and the keys of the rows
 //! that differ. Exit status 0 when every table is equal, 2 when any differs, 1 on an error.
 //!
@@ -20,6 +20,10 @@ pub struct VerifyArgs {
     /// The schema to compare with (default: the live one).
     #[arg(long)]
     pub against: Option<String>,
+    /// Which views to compare: `memory`, `tasks`, or (default) those whose offsets the
+    /// rebuilt schema holds.
+    #[arg(long)]
+    pub projection: Option<String>,
     /// Most differing keys listed per table.
     #[arg(long, default_value_t = 20)]
     pub limit: i64,
@@ -41,7 +45,24 @@ pub async fn run(config: &Config, args: VerifyArgs) -> anyhow::Result<()> {
             anyhow::bail!("E_NO_SCHEMA: schema {schema} does not exist");
         }
     }
-    let tables = compare::compare(&pool, &args.schema, &live, args.limit).await?;
+    let projections = match args.projection {
+        Some(p) => vec![p],
+        None => {
+            let held = compare::projections_in(&pool, &args.schema).await?;
+            if held.is_empty() {
+                vec!["memory".to_owned()]
+            } else {
+                held
+            }
+        }
+    };
+    let mut tables = Vec::new();
+    for projection in &projections {
+        let Some(of) = compare::tables_of(projection) else {
+            anyhow::bail!("E_ARGUMENT: unknown projection {projection:?}; expected memory or tasks");
+        };
+        tables.extend(compare::compare_tables(&pool, &args.schema, &live, args.limit, of).await?);
+    }
     let differing = tables.iter().filter(|t| !t.equal).count();
     if args.json {
         for t in &tables {

@@ -109,9 +109,19 @@ pub async fn dead_letter(
 /// Folds and writes the batch and moves the offsets, in one transaction. Returns the outcome
 /// and how many records had already been applied (a redelivery after a rebalance).
 pub async fn apply(sinks: &TaskSinks, prepared: &Prepared) -> Result<(TaskOutcome, usize), sqlx::Error> {
-    let mut tx = sinks.pool.begin().await?;
+    apply_to(&sinks.pool, &sinks.projection, &sinks.topic, prepared).await
+}
+
+/// [`apply`] against any pool (a rebuild applies into a fresh schema with it).
+pub async fn apply_to(
+    pool: &PgPool,
+    projection: &str,
+    topic: &str,
+    prepared: &Prepared,
+) -> Result<(TaskOutcome, usize), sqlx::Error> {
+    let mut tx = pool.begin().await?;
     let partitions: Vec<i32> = prepared.next_offsets.keys().copied().collect();
-    let stored = offsets::lock_and_load(&mut tx, &sinks.projection, &sinks.topic, &partitions).await?;
+    let stored = offsets::lock_and_load(&mut tx, projection, topic, &partitions).await?;
     let (fresh, stale): (Vec<&DecidedEvent>, Vec<&DecidedEvent>) = prepared
         .events
         .iter()
@@ -119,9 +129,9 @@ pub async fn apply(sinks: &TaskSinks, prepared: &Prepared) -> Result<(TaskOutcom
     let fresh: Vec<DecidedEvent> = fresh.into_iter().cloned().collect();
     let (agent_ids, task_ids, workflow_ids) = fold::touched(&fresh);
     let state = tasks::load_state(&mut tx, &agent_ids, &task_ids, &workflow_ids).await?;
-    let outcome = fold::fold(state, &fresh, &sinks.topic);
+    let outcome = fold::fold(state, &fresh, topic);
     tasks::write(&mut tx, &outcome.changes).await?;
-    offsets::advance(&mut tx, &sinks.projection, &sinks.topic, &prepared.next_offsets).await?;
+    offsets::advance(&mut tx, projection, topic, &prepared.next_offsets).await?;
     tx.commit().await?;
     Ok((outcome, stale.len()))
 }
