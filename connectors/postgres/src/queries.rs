@@ -81,10 +81,16 @@ pub struct ListFilter {
 /// The memories as they were at `$16`, with the columns of `memories` (embeddings excepted:
 /// the history does not keep the vectors), rebuilt from the applied history rows whose
 /// validity interval `[valid_from, valid_to)` contains that instant.
+/// The namespace's memories are found through `memories` (which keeps a row for every
+/// memory ever written, forgotten ones included, and a memory never changes namespace) and
+/// its namespace index, then their history by primary key: an index on the history's
+/// namespace would cost every projector write a detoast of the state (it cut the projector's
+/// rate by two thirds, docs/benchmarks.md).
 macro_rules! memories_as_of_16 {
     () => {
-        "(SELECT (jsonb_populate_record(NULL::memories, h.state)).* FROM memory_history h \
-         WHERE h.status = 'applied' AND h.state->>'namespace' = $2 \
+        "(SELECT (jsonb_populate_record(NULL::memories, h.state)).* \
+         FROM memories n JOIN memory_history h ON h.memory_id = n.memory_id \
+         WHERE n.namespace = $2 AND h.status = 'applied' \
            AND h.valid_from <= $16 AND (h.valid_to IS NULL OR h.valid_to > $16))"
     };
 }

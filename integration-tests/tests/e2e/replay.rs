@@ -365,9 +365,9 @@ async fn rebuild_into_a_fresh_schema_verifies_equal_and_verify_reports_altered_r
     memosctl_ok(&env, &["replay", "--into", "late", "--until", &later])?;
     memosctl_ok(&env, &["verify", "late"])?;
 
-    let (code, _, err) = memosctl(&env, &["replay", "--projection", "tasks", "--into", "t"])?;
+    let (code, _, err) = memosctl(&env, &["replay", "--projection", "nonsense", "--into", "t"])?;
     assert_ne!(code, 0);
-    assert!(err.contains("E_UNAVAILABLE"), "{err}");
+    assert!(err.contains("E_ARGUMENT"), "{err}");
 
     // Redis lost everything: `cache rebuild` refills it from PostgreSQL.
     let mut redis = redis::Client::open(env.redis_url.as_str())?
