@@ -367,8 +367,15 @@ macro_rules! agent_view_select {
     };
 }
 
-/// The current inbox and availability of `agent_ids` with their revisions, built as JSON by
-/// one statement (one snapshot, so the pieces agree with each other and with the revision).
+/// Most inbox items copied to Redis per agent (the first by priority): rebuilding an agent's
+/// whole inbox after every batch that touches it made the projection's cost grow with the
+/// agents' load (1,262 delegations/s visible at 5,000/s with agents holding up to 1,000
+/// tasks). The API reads PostgreSQL when an agent holds more than this.
+pub const INBOX_CACHE_LIMIT: usize = 100;
+
+/// The current inbox (its first [`INBOX_CACHE_LIMIT`] items) and availability of `agent_ids`
+/// with their revisions, built as JSON by one statement (one snapshot, so the pieces agree
+/// with each other and with the revision).
 pub async fn agent_snapshots(pool: &PgPool, agent_ids: &[String]) -> Result<Vec<AgentSnapshot>, sqlx::Error> {
     if agent_ids.is_empty() {
         return Ok(Vec::new());
@@ -379,7 +386,9 @@ pub async fn agent_snapshots(pool: &PgPool, agent_ids: &[String]) -> Result<Vec<
                       FROM (SELECT task_id, workflow_id, step_id, status, attempt, payload, priority,
                                    deadline, assigned_at
                             FROM tasks t WHERE t.agent_id = r.agent_id
-                              AND t.status IN ('assigned', 'running')) i), '[]')::text AS inbox,
+                              AND t.status IN ('assigned', 'running')
+                            ORDER BY priority DESC, assigned_at, task_id
+                            LIMIT 100) i), '[]')::text AS inbox,
             (SELECT row_to_json(v)::text FROM (",
         agent_view_select!(),
         " WHERE a.agent_id = r.agent_id) v) AS availability

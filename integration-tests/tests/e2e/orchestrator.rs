@@ -433,3 +433,39 @@ async fn bad_records_are_dead_lettered_invalid_commands_rejected_and_the_partiti
     env.cleanup().await;
     Ok(())
 }
+
+/// Redis keeps the first 100 items of an inbox; an agent holding more gets its whole inbox
+/// from PostgreSQL through the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_inbox_is_served_whole() -> anyhow::Result<()> {
+    const TASKS: usize = 130;
+    let env = TestEnv::new().await?;
+    let memos = MemosProcess::start(&env, "all", &[]).await?;
+    let client = TaskClient::new(&env)?;
+    client.register("busy", &["work"], 500).await?;
+    for i in 0..TASKS {
+        client.delegate(&format!("inbox-{i}"), "work", 1).await?;
+    }
+    let http = reqwest::Client::new();
+    let url = memos.url("/v1/agents/busy/inbox");
+    let inbox = memos_integration_tests::eventually("the whole inbox", WAIT, || async {
+        let answer: serde_json::Value = http.get(&url).send().await?.json().await?;
+        let items = answer["items"].as_array().map_or(0, Vec::len);
+        Ok((items == TASKS).then_some(answer))
+    })
+    .await?;
+    assert_eq!(
+        inbox["source"], "postgres",
+        "more than Redis holds: read from PostgreSQL"
+    );
+    assert_eq!(inbox["availability"]["load"], TASKS);
+    let ids: BTreeSet<&str> = inbox["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["task_id"].as_str())
+        .collect();
+    assert_eq!(ids.len(), TASKS);
+    env.cleanup().await;
+    Ok(())
+}

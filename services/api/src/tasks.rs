@@ -296,9 +296,15 @@ pub async fn inbox(
     };
     match cached {
         Ok((Some(items), availability)) => {
-            let items = serde_json::from_str(&items);
-            let availability = availability.map(|a| serde_json::from_str(&a)).transpose();
-            if let (Ok(items), Ok(availability)) = (items, availability) {
+            let items: Result<Vec<InboxItem>, _> = serde_json::from_str(&items);
+            let availability: Result<Option<AgentView>, _> =
+                availability.map(|a| serde_json::from_str(&a)).transpose();
+            // Redis holds the first INBOX_CACHE_LIMIT items; a fuller inbox is read from PostgreSQL.
+            if let (Ok(items), Ok(availability)) = (items, availability)
+                && availability
+                    .as_ref()
+                    .is_none_or(|a| usize::try_from(a.load).unwrap_or(0) <= items.len())
+            {
                 return Ok(Json(Inbox {
                     agent_id: agent,
                     source: "redis".into(),

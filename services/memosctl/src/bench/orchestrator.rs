@@ -51,6 +51,10 @@ pub struct Args {
     /// Keep the topics afterwards.
     #[arg(long)]
     keep: bool,
+    /// Also run `memos run projector` on a fresh database and measure until every assignment
+    /// is visible in the task views (PostgreSQL `tasks`), as the HTTP API serves them.
+    #[arg(long)]
+    views: bool,
 }
 
 #[derive(Serialize)]
@@ -68,6 +72,10 @@ struct Report {
     assign_latency_ms_max: f64,
     transactions: f64,
     mean_transaction_ms: f64,
+    /// With `--views`: tasks over the time from the first send until every assignment was
+    /// in the PostgreSQL views, and how long after the last decision they got there.
+    views_delegations_per_sec: Option<f64>,
+    views_behind_decisions_ms: Option<f64>,
     orchestrator_rss_mb: f64,
     orchestrator_peak_rss_mb: f64,
     cpu: CpuUsage,
@@ -78,7 +86,7 @@ const CAPACITY_PER_AGENT: usize = 1000;
 
 pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
     let binary = super::memos_binary(args.memos_bin.clone())?;
-    let iso = Isolation::new(config, args.partitions);
+    let mut iso = Isolation::new(config, args.partitions);
     let commands_topic = format!("memos.bench.{}.task.commands", iso.id);
     let events_topic = format!("memos.bench.{}.task.events", iso.id);
     let mut topics = iso.topics_config(config);
@@ -93,16 +101,19 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
         ],
     )
     .await?;
-    let result = measure(config, &args, &binary, &iso, &commands_topic, &events_topic).await;
+    let result = measure(config, &args, &binary, &mut iso, &commands_topic, &events_topic).await;
+    if args.views {
+        // The projector's database, memory topics, dead-letter topic and Redis keys.
+        iso.cleanup(config, args.keep).await;
+    }
     if !args.keep {
         let admin: AdminClient<DefaultClientContext> =
             memos_kafka::client::base_config(&config.kafka, "bench-admin").create()?;
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-        let names = [
-            commands_topic.as_str(),
-            events_topic.as_str(),
-            iso.dead_letter_topic.as_str(),
-        ];
+        let mut names = vec![commands_topic.as_str(), events_topic.as_str()];
+        if !args.views {
+            names.push(iso.dead_letter_topic.as_str());
+        }
         if let Err(e) = admin.delete_topics(&names, &options).await {
             eprintln!("bench: cannot delete topics: {e}");
         }
@@ -126,7 +137,7 @@ async fn measure(
     config: &Config,
     args: &Args,
     binary: &PathBuf,
-    iso: &Isolation,
+    iso: &mut Isolation,
     commands_topic: &str,
     events_topic: &str,
 ) -> anyhow::Result<Report> {
@@ -173,6 +184,28 @@ async fn measure(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    let views = if args.views {
+        let (url, pool) = iso.create_database("tasks", 3).await?;
+        let mut env = iso.process_env(config, &url, 3);
+        env.extend(
+            [
+                ("MEMOS__TOPICS__TASK_COMMANDS", commands_topic.to_owned()),
+                ("MEMOS__TOPICS__TASK_EVENTS", events_topic.to_owned()),
+                ("MEMOS__HTTP__BIND", "127.0.0.1:0".to_owned()),
+            ]
+            .map(|(k, v)| (k.to_owned(), v)),
+        );
+        let projector = MemosProcess::spawn(
+            binary,
+            "projector",
+            &env,
+            &format!("memos-bench-{}-projector.log", iso.id),
+        )?;
+        Some((projector, pool))
+    } else {
+        None
+    };
 
     let producer: FutureProducer = memos_kafka::client::base_config(&config.kafka, "bench-producer")
         .set("enable.idempotence", "true")
@@ -298,6 +331,26 @@ async fn measure(
         }
     }
     let last_visible = seen.values().max().copied().unwrap_or_default();
+    let mut views_visible = None;
+    if let Some((projector, pool)) = &views {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let (assigned,): (i64,) = sqlx::query_as("SELECT count(*) FROM tasks WHERE status = 'assigned'")
+                .fetch_one(pool)
+                .await?;
+            if assigned as usize >= args.tasks {
+                views_visible = Some(origin.elapsed());
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "views hold {assigned} of {} assignments",
+                args.tasks
+            );
+            let _ = projector;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     let (transactions, transaction_ms) = transaction_stats(&process).await.unwrap_or((0.0, 0.0));
     let cpu_after = sys::cpu_snapshot(&[(process.pid(), "memos")]);
     let rss = sys::rss_kb(process.pid()).unwrap_or((0, 0));
@@ -308,6 +361,10 @@ async fn measure(
         "saw {agents_seen} of {agents} agent registrations"
     );
     process.terminate(Duration::from_secs(20))?;
+    if let Some((mut projector, pool)) = views {
+        pool.close().await;
+        projector.terminate(Duration::from_secs(20))?;
+    }
 
     latencies.sort_by(f64::total_cmp);
     let elapsed = (last_visible - first_send).as_secs_f64();
@@ -325,6 +382,10 @@ async fn measure(
         assign_latency_ms_max: round(latencies.last().copied().unwrap_or(0.0), 1),
         transactions,
         mean_transaction_ms: round(transaction_ms, 2),
+        views_delegations_per_sec: views_visible
+            .map(|v| round(args.tasks as f64 / (v - first_send).as_secs_f64(), 0)),
+        views_behind_decisions_ms: views_visible
+            .map(|v| round((v.saturating_sub(last_visible)).as_secs_f64() * 1000.0, 0)),
         orchestrator_rss_mb: round(rss.0 as f64 / 1024.0, 1),
         orchestrator_peak_rss_mb: round(rss.1 as f64 / 1024.0, 1),
         cpu: cpu_before.usage_until(&cpu_after),
