@@ -185,7 +185,7 @@ async fn measure(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let views = if args.views {
+    let mut views = if args.views {
         let (url, pool) = iso.create_database("tasks", 3).await?;
         let mut env = iso.process_env(config, &url, 3);
         env.extend(
@@ -332,7 +332,7 @@ async fn measure(
     }
     let last_visible = seen.values().max().copied().unwrap_or_default();
     let mut views_visible = None;
-    if let Some((projector, pool)) = &views {
+    if let Some((projector, pool)) = &mut views {
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             let (assigned,): (i64,) = sqlx::query_as("SELECT count(*) FROM tasks WHERE status = 'assigned'")
@@ -347,7 +347,7 @@ async fn measure(
                 "views hold {assigned} of {} assignments",
                 args.tasks
             );
-            let _ = projector;
+            projector.check_alive()?;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
