@@ -336,7 +336,7 @@ async fn measure(
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             let (assigned,): (i64,) = sqlx::query_as("SELECT count(*) FROM tasks WHERE status = 'assigned'")
-                .fetch_one(pool)
+                .fetch_one(&*pool)
                 .await?;
             if assigned as usize >= args.tasks {
                 views_visible = Some(origin.elapsed());
