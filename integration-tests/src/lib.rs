@@ -38,3 +38,11 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Returns once the wall clock is in a later millisecond than `t`: record timestamps are
+/// milliseconds, so a record produced after this is strictly later than `t`.
+pub async fn past_millisecond(t: chrono::DateTime<chrono::Utc>) {
+    while chrono::Utc::now().timestamp_millis() <= t.timestamp_millis() {
+        tokio::task::yield_now().await;
+    }
+}

@@ -2,6 +2,7 @@
 //! producer would, and reads the orchestrator's committed events (`read_committed`).
 
 use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -20,6 +21,8 @@ use crate::TestEnv;
 pub struct TaskClient {
     producer: FutureProducer,
     topic: String,
+    /// The offset of the last command appended to each partition.
+    sent: Mutex<BTreeMap<i32, i64>>,
 }
 
 fn id() -> String {
@@ -40,14 +43,17 @@ impl TaskClient {
         Ok(TaskClient {
             producer,
             topic: env.task_commands_topic.clone(),
+            sent: Mutex::default(),
         })
     }
 
-    /// Appends `command` (keyed by its routing key) and waits for the acknowledgement.
-    pub async fn send(&self, command: &TaskCommand) -> anyhow::Result<()> {
+    /// Appends `command` (keyed by its routing key) and waits for the acknowledgement;
+    /// returns where it landed.
+    pub async fn send(&self, command: &TaskCommand) -> anyhow::Result<(i32, i64)> {
         let payload = command.encode()?;
         let key = command.routing_key().unwrap_or_default();
-        self.producer
+        let delivery = self
+            .producer
             .send(
                 FutureRecord::to(&self.topic).key(&key).payload(&payload),
                 Duration::from_secs(30),
@@ -55,7 +61,16 @@ impl TaskClient {
             .await
             .map_err(|(e, _)| e)
             .context("append a task command")?;
-        Ok(())
+        let (partition, offset) = (delivery.partition, delivery.offset);
+        let mut sent = self.sent.lock().expect("sent lock");
+        let last = sent.entry(partition).or_insert(offset);
+        *last = (*last).max(offset);
+        Ok((partition, offset))
+    }
+
+    /// The offset of the last command this client appended to each partition.
+    pub fn sent(&self) -> BTreeMap<i32, i64> {
+        self.sent.lock().expect("sent lock").clone()
     }
 
     pub async fn register(&self, agent: &str, capabilities: &[&str], max: i32) -> anyhow::Result<()> {
@@ -70,6 +85,7 @@ impl TaskClient {
             metadata_json: "{}".into(),
         }))
         .await
+        .map(drop)
     }
 
     pub async fn heartbeat(&self, agent: &str) -> anyhow::Result<()> {
@@ -81,6 +97,7 @@ impl TaskClient {
             agent_id: agent.into(),
         }))
         .await
+        .map(drop)
     }
 
     pub fn delegate_command(
@@ -113,6 +130,7 @@ impl TaskClient {
             600_000,
         )))
         .await
+        .map(drop)
     }
 
     pub async fn complete(
@@ -133,6 +151,7 @@ impl TaskClient {
             result_json: result.to_string(),
         }))
         .await
+        .map(drop)
     }
 
     pub async fn fail(&self, task: &str, agent: &str, retriable: bool) -> anyhow::Result<()> {
@@ -148,6 +167,7 @@ impl TaskClient {
             retriable,
         }))
         .await
+        .map(drop)
     }
 
     /// Defines `name` v1 from `(step, capability, depends_on)`.
@@ -171,6 +191,7 @@ impl TaskClient {
                 .collect(),
         }))
         .await
+        .map(drop)
     }
 
     pub async fn start_workflow(
@@ -191,12 +212,60 @@ impl TaskClient {
             priority: 0,
         }))
         .await
+        .map(drop)
     }
+}
+
+/// The next offset the orchestrator group has committed (with its decisions, in one
+/// transaction) per partition of the command topic.
+pub fn decided_offsets(env: &TestEnv) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let consumer: BaseConsumer = env
+        .kafka_config()
+        .set("group.id", &env.orchestrator_group_id)
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(&env.task_commands_topic), Duration::from_secs(10))?;
+    let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len()) as i32;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(&env.task_commands_topic, p);
+    }
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
+    Ok(committed
+        .elements()
+        .iter()
+        .filter_map(|e| {
+            e.offset()
+                .to_raw()
+                .filter(|o| *o >= 0)
+                .map(|o| (e.partition(), o))
+        })
+        .collect())
+}
+
+/// Waits until the orchestrator has decided and committed past `offsets` (the last offset
+/// to cover, per partition).
+pub async fn until_decided(env: &TestEnv, offsets: &BTreeMap<i32, i64>) -> anyhow::Result<()> {
+    crate::eventually(
+        "the orchestrator to decide the commands",
+        Duration::from_secs(60),
+        || async {
+            let decided = decided_offsets(env)?;
+            Ok(offsets
+                .iter()
+                .all(|(p, o)| decided.get(p).is_some_and(|d| d > o))
+                .then_some(()))
+        },
+    )
+    .await
 }
 
 /// The committed task events, read from the beginning and kept in log order per partition.
 pub struct EventLog {
     consumer: BaseConsumer,
+    kafka: rdkafka::ClientConfig,
+    group: String,
     pub events: Vec<(i32, i64, TaskEvent)>,
 }
 
@@ -207,9 +276,12 @@ impl EventLog {
             .set("group.id", format!("{}-test-reader", env.orchestrator_group_id))
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed")
+            .set("fetch.wait.max.ms", "10")
             .create()?;
         Ok(EventLog {
             consumer,
+            kafka: env.kafka_config(),
+            group: format!("{}-test-reader", env.orchestrator_group_id),
             events: Vec::new(),
         })
     }
@@ -278,6 +350,51 @@ impl EventLog {
                 );
             }
         }
+    }
+
+    /// Reads every committed event again, from the beginning to the end of every partition
+    /// as of now (the consumer reports the end: `enable.partition.eof`, which, unlike its
+    /// position, also steps over the commit markers and aborted records that close a
+    /// transactional partition).
+    pub fn read_to_end(&mut self, topic: &str) -> anyhow::Result<()> {
+        let consumer: BaseConsumer = self
+            .kafka
+            .clone()
+            .set("group.id", format!("{}-end", self.group))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .create()?;
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len()) as i32;
+        anyhow::ensure!(partitions > 0, "topic {topic} does not exist");
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        let mut events = Vec::new();
+        let mut at_end = std::collections::BTreeSet::new();
+        let start = Instant::now();
+        while at_end.len() < partitions as usize {
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(60),
+                "{topic} not read to its end"
+            );
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(message)) => {
+                    let event = TaskEvent::decode(message.payload().unwrap_or_default())?;
+                    events.push((message.partition(), message.offset(), event));
+                }
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                    at_end.insert(p);
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => {}
+            }
+        }
+        self.events = events;
+        Ok(())
     }
 
     /// Events of `kind`.

@@ -1,10 +1,10 @@
 //! The orchestrator against real Kafka: commands appended as any Avro producer would, its
 //! committed (`read_committed`) events read back and compared with the commands.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use memos_integration_tests::tasks::{EventLog, TaskClient, has};
+use memos_integration_tests::tasks::{EventLog, TaskClient, decided_offsets, has, until_decided};
 use memos_integration_tests::{MemosProcess, TestEnv};
 use memos_schemas::task::{TaskCommand, TaskEventType as E};
 use serde_json::json;
@@ -38,6 +38,15 @@ where
     .await?
 }
 
+/// Reads every committed event (to the end of each partition) off the runtime's workers.
+async fn read_end(mut log: EventLog, topic: String) -> anyhow::Result<EventLog> {
+    tokio::task::spawn_blocking(move || {
+        log.read_to_end(&topic)?;
+        Ok(log)
+    })
+    .await?
+}
+
 /// No eligible agent: the task waits and is assigned when one registers. A three-step DAG
 /// runs to completion with each step's input holding its dependencies' results. Invalid
 /// commands (a complete from an agent that does not hold the task, a template with a cycle)
@@ -54,10 +63,27 @@ async fn waits_for_an_agent_then_runs_a_workflow_dag() -> anyhow::Result<()> {
         has(e, E::TaskAccepted, "lonely")
     })
     .await?;
-    // Some ticks pass with no eligible agent: still waiting.
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let mut log = read(log, topic.clone(), "ticks pass", |_| true).await?;
-    assert!(log.assignment("lonely").is_none(), "assigned without an agent");
+    // An agent without the capability registers; once it is decided, and a later command (a
+    // tick) of the task's partition too, the task still waits.
+    client.register("extractor-only", &["extract"], 4).await?;
+    until_decided(&env, &client.sent()).await?;
+    let task_partition = log
+        .events
+        .iter()
+        .find(|(_, _, e)| e.event_type == E::TaskAccepted)
+        .map(|(p, _, _)| *p)
+        .expect("accepted");
+    let decided = decided_offsets(&env)?;
+    until_decided(
+        &env,
+        &BTreeMap::from([(task_partition, decided[&task_partition])]),
+    )
+    .await?;
+    let mut log = read_end(log, topic.clone()).await?;
+    assert!(
+        log.assignment("lonely").is_none(),
+        "assigned without an eligible agent"
+    );
 
     client
         .register("summarizer", &["summarize", "extract"], 4)
@@ -182,10 +208,12 @@ async fn lost_agent_task_moves_then_dead_letters_after_max_attempts() -> anyhow:
     client.register("b-alive", &["translate"], 5).await?;
     let beating = {
         let client = TaskClient::new(&env)?;
+        // The agent's behaviour, not a wait: a heartbeat every 300 ms (window 1.5 s).
+        let mut every = tokio::time::interval(Duration::from_millis(300));
         tokio::spawn(async move {
             loop {
+                every.tick().await;
                 let _ = client.heartbeat("b-alive").await;
-                tokio::time::sleep(Duration::from_millis(300)).await;
             }
         })
     };
@@ -287,9 +315,10 @@ async fn sigkill_mid_stream_assigns_every_task_exactly_once() -> anyhow::Result<
             >= TASKS
     })
     .await?;
-    // Give a wrongly repeated decision time to show up before counting.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let log = read(log, env.task_events_topic.clone(), "settle", |_| true).await?;
+    // Every command decided and committed, then every committed event read: a repeated
+    // decision would be among them.
+    until_decided(&env, &client.sent()).await?;
+    let log = read_end(log, env.task_events_topic.clone()).await?;
     assert_exactly_once(&log, TASKS);
     env.cleanup().await;
     Ok(())
@@ -321,8 +350,10 @@ async fn two_instances_share_partitions_without_double_assignment() -> anyhow::R
         },
     )
     .await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let log = read(log, env.task_events_topic.clone(), "settle", |_| true).await?;
+    // Every command decided and committed, then every committed event read: a repeated
+    // decision would be among them.
+    until_decided(&env, &client.sent()).await?;
+    let log = read_end(log, env.task_events_topic.clone()).await?;
     assert_exactly_once(&log, TASKS);
     // Both instances decided: each wrote to the partitions it owns.
     let partitions: BTreeSet<i32> = log.events.iter().map(|(p, _, _)| *p).collect();

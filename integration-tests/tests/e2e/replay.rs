@@ -440,7 +440,7 @@ async fn as_of_reads_equal_snapshots_taken_during_the_run() -> anyhow::Result<()
     let memos = MemosProcess::start(&env, "all", &[]).await?;
     let api = Api::new(memos.base_url.as_deref().unwrap());
     let before_anything = chrono::Utc::now();
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    memos_integration_tests::past_millisecond(before_anything).await;
 
     let mut ids: Vec<String> = Vec::new();
     let mut snapshots = Vec::new();
@@ -493,7 +493,7 @@ async fn as_of_reads_equal_snapshots_taken_during_the_run() -> anyhow::Result<()
         let at = chrono::Utc::now();
         snapshots.push((at, ids.clone(), snap));
         // The next command's record time (milliseconds) must be later than `at`.
-        tokio::time::sleep(Duration::from_millis(3)).await;
+        memos_integration_tests::past_millisecond(at).await;
     }
 
     for (at, ids_then, (memories, list)) in &snapshots {

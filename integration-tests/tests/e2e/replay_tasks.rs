@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use memos_integration_tests::tasks::{EventLog, TaskClient};
+use memos_integration_tests::tasks::{EventLog, TaskClient, until_decided};
 use memos_integration_tests::{MemosProcess, TestEnv, eventually, process};
 use memos_schemas::task::TaskEventType as E;
 use serde_json::{Value, json};
@@ -25,7 +25,16 @@ fn memosctl(env: &TestEnv, args: &[&str]) -> anyhow::Result<(i32, String, String
 async fn task_views_rebuilt_from_the_events_verify_equal_and_an_altered_row_is_reported() -> anyhow::Result<()>
 {
     let env = TestEnv::new().await?;
-    let _memos = MemosProcess::start(&env, "all", &[("MEMOS__ORCHESTRATOR__TICK_INTERVAL", "200ms")]).await?;
+    // A long heartbeat window: no agent is lost (a new event) while the views are compared.
+    let _memos = MemosProcess::start(
+        &env,
+        "all",
+        &[
+            ("MEMOS__ORCHESTRATOR__TICK_INTERVAL", "200ms"),
+            ("MEMOS__ORCHESTRATOR__HEARTBEAT_WINDOW", "600s"),
+        ],
+    )
+    .await?;
     let client = TaskClient::new(&env)?;
 
     // Agents, tasks completed, failed and re-delegated, a rejected report, a workflow.
@@ -85,25 +94,17 @@ async fn task_views_rebuilt_from_the_events_verify_equal_and_an_altered_row_is_r
         .complete("wf-r/a", &agent, Some("wf-r"), json!("A"))
         .await?;
 
-    // The live views have every committed event once the log stops growing.
-    let mut log = log;
-    let mut stable = 0;
-    let mut last = 0;
-    let expected = loop {
-        let log_topic = topic.clone();
-        log = tokio::task::spawn_blocking(move || {
-            log.read_until(&log_topic, "read", Duration::from_secs(10), |_| true)?;
-            Ok::<_, anyhow::Error>(log)
-        })
-        .await??;
-        let n = log.events.len();
-        stable = if n == last { stable + 1 } else { 0 };
-        last = n;
-        if stable >= 5 {
-            break n as i64;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    // Every command decided and committed, then every committed event read: the live views
+    // must hold exactly those.
+    until_decided(&env, &client.sent()).await?;
+    let log_topic = topic.clone();
+    let log = tokio::task::spawn_blocking(move || {
+        let mut log = log;
+        log.read_to_end(&log_topic)?;
+        Ok::<_, anyhow::Error>(log)
+    })
+    .await??;
+    let expected = log.events.len() as i64;
     eventually(
         "the task views to hold every event",
         Duration::from_secs(60),
