@@ -162,6 +162,8 @@ struct Worker<'a> {
     /// Per events partition, the first offset the reader must fold: events below it were
     /// decided here and are already in the state. `i64::MAX` while the partition is owned.
     fold_from: HashMap<i32, i64>,
+    /// Per events partition, the offset after the last event folded from the log.
+    folded_next: HashMap<i32, i64>,
     clocks: HashMap<i32, i64>,
     /// What the open transaction decided, counted in the metrics once it commits.
     tally: Tally,
@@ -282,13 +284,14 @@ impl<'a> Worker<'a> {
             producer,
             owned: BTreeMap::new(),
             fold_from: HashMap::new(),
+            folded_next: HashMap::new(),
             clocks: HashMap::new(),
             tally: Tally::default(),
             partitions,
         })
     }
 
-    /// Folds every committed event (up to each partition's last stable offset).
+    /// Folds every committed event, to the end of each partition.
     fn rebuild(&mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let started = Instant::now();
         for p in 0..self.partitions {
@@ -301,32 +304,63 @@ impl<'a> Worker<'a> {
         Ok(())
     }
 
-    /// Reads events until the reader is past the last stable offset of `partition`, folding
-    /// what it reads (of every partition) on the way.
+    /// Folds the events of `partition` not folded yet, up to its end: a consumer of that
+    /// partition alone reads from the first unfolded offset until it reports the end of the
+    /// partition (`enable.partition.eof`: the end of what is committed, past commit markers
+    /// and aborted records, which a consumer's position does not step over). The shared
+    /// reader then skips what was folded here. Returns the next offset after the last event.
     fn catch_up(&mut self, partition: i32) -> anyhow::Result<i64> {
-        let topic = &self.config.topics.task_events;
-        let (_, stable) = self
-            .reader
-            .fetch_watermarks(topic, partition, KAFKA_TIMEOUT)
-            .context("read the events' last stable offset")?;
+        let topic = self.config.topics.task_events.clone();
+        let from = self
+            .fold_from
+            .get(&partition)
+            .copied()
+            .unwrap_or(0)
+            .max(self.folded_next.get(&partition).copied().unwrap_or(0));
+        let mut config = base_config(&self.config.kafka, "orchestrator-catch-up");
+        config
+            .set(
+                "group.id",
+                format!("{}-reader", self.config.orchestrator.group_id),
+            )
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .set("fetch.wait.max.ms", "10");
+        let consumer: BaseConsumer = config.create().context("create the catch-up reader")?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, partition, Offset::Offset(from))?;
+        consumer.assign(&tpl).context("assign the catch-up reader")?;
         let deadline = Instant::now() + KAFKA_TIMEOUT * 4;
+        let mut next = from;
         loop {
-            let position = self
-                .reader
-                .position()?
-                .find_partition(topic, partition)
-                .and_then(|e| e.offset().to_raw())
-                .filter(|o| *o >= 0)
-                .unwrap_or(0);
-            if position >= stable {
-                return Ok(stable);
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(message)) => {
+                    next = message.offset() + 1;
+                    match message.payload().map(TaskEvent::decode) {
+                        Some(Ok(event)) => self.state.apply(partition, &event),
+                        Some(Err(e)) => {
+                            tracing::warn!(partition, offset = message.offset(), error = %e, "undecodable task event skipped")
+                        }
+                        None => {}
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(e)) => return Err(e).context("read events"),
+                None => anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "events partition {partition} not read to its end (at offset {next})"
+                ),
             }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "events partition {partition} stays behind its last stable offset {stable} (at {position})"
-            );
-            self.fold_available(Duration::from_millis(100), 10_000)?;
         }
+        self.fold_from.insert(partition, next);
+        self.folded_next.insert(partition, next);
+        // Saves the shared reader a second read; it skips these events anyway.
+        let _ = self
+            .reader
+            .seek(&topic, partition, Offset::Offset(next), Duration::from_secs(1));
+        Ok(next)
     }
 
     /// Folds events that are available within `wait`; returns how many were folded.
@@ -343,6 +377,7 @@ impl<'a> Worker<'a> {
             if message.offset() < self.fold_from.get(&p).copied().unwrap_or(0) {
                 continue;
             }
+            self.folded_next.insert(p, message.offset() + 1);
             let Some(payload) = message.payload() else {
                 continue;
             };
@@ -366,7 +401,6 @@ impl<'a> Worker<'a> {
         for (assigned, partitions) in changes {
             for p in partitions {
                 if assigned {
-                    self.fold_from.remove(&p);
                     let stable = self.catch_up(p)?;
                     self.deliveries_next().insert(p, stable);
                     self.fold_from.insert(p, i64::MAX);
