@@ -10,12 +10,14 @@
 //! - [`registry`]: released schemas by fingerprint, and the reader schema of each command.
 //! - [`memory`]: memory commands (`WriteMemory`, ...) and their codec.
 //! - [`task`]: task commands (`DelegateTask`, ...), the orchestrator's `TaskEvent`, their codec.
+//! - [`validate`]: validation to what the views can store, shared by the API and the decoders.
 
 pub mod fingerprint;
 pub mod memory;
 pub mod registry;
 pub mod single_object;
 pub mod task;
+pub mod validate;
 
 pub use memory::{
     ForgetMemory, MemoryCommand, RegisterTool, RevokeShare, ShareMemory, Tier, UpdateMemory, WriteMemory,

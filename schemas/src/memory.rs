@@ -3,22 +3,19 @@
 //! and the projector dead-letters a record from any other producer that breaks them.
 
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
-
 use crate::registry::{CommandKind, DecodeError, registry};
+use crate::validate::{
+    JsonKind, check_bounded_text, check_name, check_optional_text, check_tags, check_text, check_time,
+    check_uuid, parse_json,
+};
 
 /// Largest memory content, in bytes of UTF-8.
 pub const MAX_CONTENT_BYTES: usize = 64 * 1024;
-/// Most tags on one memory.
-pub const MAX_TAGS: usize = 32;
-/// Longest tag, in bytes.
-pub const MAX_TAG_BYTES: usize = 128;
 /// Largest serialized metadata object, in bytes.
 pub const MAX_METADATA_BYTES: usize = 16 * 1024;
-/// Longest namespace or actor, in bytes.
-pub const MAX_NAME_BYTES: usize = 256;
 /// Most dimensions of an embedding (the configured dimension is checked where it is known).
 pub const MAX_EMBEDDING_DIMENSIONS: usize = 4096;
+pub use crate::validate::{MAX_NAME_BYTES, MAX_TAG_BYTES, MAX_TAGS, ValidationError};
 
 /// How a memory is used, after the usual taxonomy of agent memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -136,94 +133,15 @@ pub struct RegisterTool {
     pub tags: Vec<String>,
 }
 
-/// A command that breaks a limit or an invariant of its type.
-#[derive(Debug, Clone, thiserror::Error, PartialEq)]
-#[error("{field}: {message}")]
-pub struct ValidationError {
-    /// The offending field, as named in the schema.
-    pub field: &'static str,
-    pub message: String,
-}
-
-impl ValidationError {
-    pub(crate) fn new(field: &'static str, message: impl Into<String>) -> Self {
-        ValidationError {
-            field,
-            message: message.into(),
-        }
-    }
-
-    /// Whether the command is rejected for its size (HTTP 413) rather than its shape (422).
-    pub fn is_too_large(&self) -> bool {
-        self.message.starts_with("too large")
-    }
-}
-
-pub(crate) fn check_uuid(field: &'static str, value: &str) -> Result<(), ValidationError> {
-    Uuid::parse_str(value)
-        .map(|_| ())
-        .map_err(|_| ValidationError::new(field, "must be a UUID"))
-}
-
-pub(crate) fn check_name(field: &'static str, value: &str) -> Result<(), ValidationError> {
-    if value.trim().is_empty() {
-        return Err(ValidationError::new(field, "must not be empty"));
-    }
-    if value.len() > MAX_NAME_BYTES {
-        return Err(ValidationError::new(
-            field,
-            format!("too large: at most {MAX_NAME_BYTES} bytes"),
-        ));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(ValidationError::new(field, "must not contain control characters"));
-    }
-    Ok(())
-}
-
 fn check_content(content: &str) -> Result<(), ValidationError> {
     if content.is_empty() {
         return Err(ValidationError::new("content", "must not be empty"));
     }
-    if content.len() > MAX_CONTENT_BYTES {
-        return Err(ValidationError::new(
-            "content",
-            format!("too large: {} bytes, at most {MAX_CONTENT_BYTES}", content.len()),
-        ));
-    }
-    Ok(())
-}
-
-pub(crate) fn check_tags(tags: &[String]) -> Result<(), ValidationError> {
-    if tags.len() > MAX_TAGS {
-        return Err(ValidationError::new(
-            "tags",
-            format!("too large: {} tags, at most {MAX_TAGS}", tags.len()),
-        ));
-    }
-    if let Some(tag) = tags.iter().find(|t| t.is_empty() || t.len() > MAX_TAG_BYTES) {
-        return Err(ValidationError::new(
-            "tags",
-            format!("each tag must be 1 to {MAX_TAG_BYTES} bytes, got {}", tag.len()),
-        ));
-    }
-    Ok(())
+    check_bounded_text("content", content, MAX_CONTENT_BYTES)
 }
 
 fn check_metadata(metadata_json: &str) -> Result<(), ValidationError> {
-    if metadata_json.len() > MAX_METADATA_BYTES {
-        return Err(ValidationError::new(
-            "metadata",
-            format!(
-                "too large: {} bytes, at most {MAX_METADATA_BYTES}",
-                metadata_json.len()
-            ),
-        ));
-    }
-    match serde_json::from_str::<serde_json::Value>(metadata_json) {
-        Ok(serde_json::Value::Object(_)) => Ok(()),
-        _ => Err(ValidationError::new("metadata", "must be a JSON object")),
-    }
+    parse_json("metadata", metadata_json, MAX_METADATA_BYTES, JsonKind::Object).map(|_| ())
 }
 
 fn check_importance(importance: f64) -> Result<(), ValidationError> {
@@ -249,31 +167,51 @@ fn check_embedding(embedding: &[f32]) -> Result<(), ValidationError> {
     Ok(())
 }
 
-fn check_header(command_id: &str, namespace: &str, actor: &str) -> Result<(), ValidationError> {
+/// The fields every memory command has.
+fn check_header(
+    command_id: &str,
+    namespace: &str,
+    actor: &str,
+    issued_at: i64,
+    traceparent: Option<&str>,
+) -> Result<(), ValidationError> {
     check_uuid("command_id", command_id)?;
     check_name("namespace", namespace)?;
-    check_name("actor", actor)
+    check_name("actor", actor)?;
+    check_time("issued_at", issued_at)?;
+    check_optional_text("traceparent", traceparent)
+}
+
+/// [`check_header`] of any command struct.
+macro_rules! header {
+    ($c:expr) => {
+        check_header(
+            &$c.command_id,
+            &$c.namespace,
+            &$c.actor,
+            $c.issued_at,
+            $c.traceparent.as_deref(),
+        )
+    };
 }
 
 impl WriteMemory {
     /// Checks every limit of the command; the first broken one is reported.
     pub fn validate(&self) -> Result<(), ValidationError> {
-        check_header(&self.command_id, &self.namespace, &self.actor)?;
+        header!(self)?;
         check_uuid("memory_id", &self.memory_id)?;
         check_content(&self.content)?;
-        check_tags(&self.tags)?;
+        check_tags("tags", &self.tags)?;
         check_metadata(&self.metadata_json)?;
         check_importance(self.importance)?;
+        if let Some(expires_at) = self.expires_at {
+            check_time("expires_at", expires_at)?;
+        }
         if let Some(embedding) = &self.embedding {
             check_embedding(embedding)?;
         }
-        if let Some(source) = &self.source
-            && source.len() > MAX_NAME_BYTES
-        {
-            return Err(ValidationError::new(
-                "source",
-                format!("too large: at most {MAX_NAME_BYTES} bytes"),
-            ));
+        if let Some(source) = &self.source {
+            check_bounded_text("source", source, MAX_NAME_BYTES)?;
         }
         Ok(())
     }
@@ -281,13 +219,16 @@ impl WriteMemory {
 
 impl UpdateMemory {
     pub fn validate(&self) -> Result<(), ValidationError> {
-        check_header(&self.command_id, &self.namespace, &self.actor)?;
+        header!(self)?;
         check_uuid("memory_id", &self.memory_id)?;
         if let Some(content) = &self.content {
             check_content(content)?;
         }
         if let Some(tags) = &self.tags {
-            check_tags(tags)?;
+            check_tags("tags", tags)?;
+        }
+        if let Some(expires_at) = self.expires_at {
+            check_time("expires_at", expires_at)?;
         }
         if let Some(metadata) = &self.metadata_json {
             check_metadata(metadata)?;
@@ -324,23 +265,16 @@ impl UpdateMemory {
 
 impl ForgetMemory {
     pub fn validate(&self) -> Result<(), ValidationError> {
-        check_header(&self.command_id, &self.namespace, &self.actor)?;
+        header!(self)?;
         check_uuid("memory_id", &self.memory_id)?;
-        if self.reason.as_ref().is_some_and(|r| r.len() > MAX_CONTENT_BYTES) {
-            return Err(ValidationError::new("reason", "too large"));
+        if let Some(reason) = &self.reason {
+            check_bounded_text("reason", reason, MAX_CONTENT_BYTES)?;
         }
         Ok(())
     }
 }
 
-fn check_share(
-    command_id: &str,
-    namespace: &str,
-    actor: &str,
-    memory_id: Option<&str>,
-    grantee: &str,
-) -> Result<(), ValidationError> {
-    check_header(command_id, namespace, actor)?;
+fn check_share(namespace: &str, memory_id: Option<&str>, grantee: &str) -> Result<(), ValidationError> {
     if let Some(id) = memory_id {
         check_uuid("memory_id", id)?;
     }
@@ -356,31 +290,21 @@ fn check_share(
 
 impl ShareMemory {
     pub fn validate(&self) -> Result<(), ValidationError> {
-        check_share(
-            &self.command_id,
-            &self.namespace,
-            &self.actor,
-            self.memory_id.as_deref(),
-            &self.grantee,
-        )
+        header!(self)?;
+        check_share(&self.namespace, self.memory_id.as_deref(), &self.grantee)
     }
 }
 
 impl RevokeShare {
     pub fn validate(&self) -> Result<(), ValidationError> {
-        check_share(
-            &self.command_id,
-            &self.namespace,
-            &self.actor,
-            self.memory_id.as_deref(),
-            &self.grantee,
-        )
+        header!(self)?;
+        check_share(&self.namespace, self.memory_id.as_deref(), &self.grantee)
     }
 }
 
 impl RegisterTool {
     pub fn validate(&self) -> Result<(), ValidationError> {
-        check_header(&self.command_id, &self.namespace, &self.actor)?;
+        header!(self)?;
         check_name("name", &self.name)?;
         if self.description.trim().is_empty() {
             return Err(ValidationError::new("description", "must not be empty"));
@@ -391,7 +315,9 @@ impl RegisterTool {
                 format!("too large: at most {MAX_CONTENT_BYTES} bytes with usage"),
             ));
         }
-        check_tags(&self.tags)
+        check_text("description", &self.description)?;
+        check_text("usage", &self.usage)?;
+        check_tags("tags", &self.tags)
     }
 }
 
@@ -502,6 +428,8 @@ impl MemoryCommand {
 
 #[cfg(test)]
 mod tests {
+    use uuid::Uuid;
+
     use super::*;
     use crate::fingerprint::schema_fingerprint;
     use crate::single_object;
@@ -588,6 +516,147 @@ mod tests {
         write.importance = 1.5;
         assert_eq!(write.validate().unwrap_err().field, "importance");
     }
+
+    /// One command of each kind, every optional string present.
+    fn one_of_each() -> Vec<MemoryCommand> {
+        let write = sample();
+        let id = || Uuid::new_v4().to_string();
+        let head = |w: &WriteMemory| (id(), w.namespace.clone(), w.actor.clone(), w.traceparent.clone());
+        let (c1, ns, actor, tp) = head(&write);
+        vec![
+            MemoryCommand::Write(write.clone()),
+            MemoryCommand::Update(UpdateMemory {
+                command_id: c1,
+                namespace: ns.clone(),
+                actor: actor.clone(),
+                issued_at: 1,
+                traceparent: tp.clone(),
+                memory_id: write.memory_id.clone(),
+                expected_version: Some(1),
+                content: Some("new".into()),
+                tier: Some(Tier::Episodic),
+                tags: Some(vec!["x".into()]),
+                metadata_json: Some(r#"{"k":"v"}"#.into()),
+                importance: Some(0.1),
+                expires_at: Some(1),
+                clear_expiry: false,
+                embedding: None,
+            }),
+            MemoryCommand::Forget(ForgetMemory {
+                command_id: id(),
+                namespace: ns.clone(),
+                actor: actor.clone(),
+                issued_at: 1,
+                traceparent: tp.clone(),
+                memory_id: write.memory_id.clone(),
+                expected_version: None,
+                reason: Some("obsolete".into()),
+            }),
+            MemoryCommand::Share(ShareMemory {
+                command_id: id(),
+                namespace: ns.clone(),
+                actor: actor.clone(),
+                issued_at: 1,
+                traceparent: tp.clone(),
+                memory_id: Some(write.memory_id.clone()),
+                grantee: "agent-8".into(),
+            }),
+            MemoryCommand::Revoke(RevokeShare {
+                command_id: id(),
+                namespace: ns.clone(),
+                actor: actor.clone(),
+                issued_at: 1,
+                traceparent: tp.clone(),
+                memory_id: None,
+                grantee: "agent-8".into(),
+            }),
+            MemoryCommand::RegisterTool(RegisterTool {
+                command_id: id(),
+                namespace: ns,
+                actor,
+                issued_at: 1,
+                traceparent: tp,
+                name: "web_search".into(),
+                description: "Searches the web".into(),
+                usage: "web_search(query)".into(),
+                tags: vec!["search".into()],
+            }),
+        ]
+    }
+
+    fn poisoned(command: &MemoryCommand) -> Vec<(String, MemoryCommand)> {
+        use crate::validate::each_string_poisoned;
+        fn wrap<T, F>(c: &T, f: F) -> Vec<(String, MemoryCommand)>
+        where
+            T: Serialize + serde::de::DeserializeOwned,
+            F: Fn(T) -> MemoryCommand,
+        {
+            each_string_poisoned(c).into_iter().map(|(p, c)| (p, f(c))).collect()
+        }
+        match command {
+            MemoryCommand::Write(c) => wrap(c, MemoryCommand::Write),
+            MemoryCommand::Update(c) => wrap(c, MemoryCommand::Update),
+            MemoryCommand::Forget(c) => wrap(c, MemoryCommand::Forget),
+            MemoryCommand::Share(c) => wrap(c, MemoryCommand::Share),
+            MemoryCommand::Revoke(c) => wrap(c, MemoryCommand::Revoke),
+            MemoryCommand::RegisterTool(c) => wrap(c, MemoryCommand::RegisterTool),
+        }
+    }
+
+    /// U+0000 in any string of any command, wherever it is, is refused by the API's check and
+    /// dead-lettered as `invalid` by the decoder, naming the field.
+    #[test]
+    fn nul_in_any_string_of_any_command_is_invalid_and_named() {
+        let mut checked = 0;
+        for command in one_of_each() {
+            assert_eq!(command.validate(), Ok(()), "{command:?}");
+            for (path, bad) in poisoned(&command) {
+                let top = path.trim_start_matches('/').split('/').next().unwrap();
+                let field = top.strip_suffix("_json").unwrap_or(top);
+                let err = bad.validate().unwrap_err();
+                assert!(err.field.starts_with(field), "{path}: {err}");
+                let decoded = MemoryCommand::decode(&bad.encode().unwrap()).unwrap_err();
+                assert_eq!(decoded.class(), "invalid", "{path}");
+                assert!(decoded.to_string().starts_with(field), "{path}: {decoded}");
+                checked += 1;
+            }
+        }
+        assert!(checked >= 40, "only {checked} strings poisoned");
+    }
+
+    #[test]
+    fn times_out_of_range_and_deep_metadata_are_invalid_on_decode() {
+        let far = crate::validate::MAX_TIME_MS + 1;
+        let mut cases: Vec<(&str, MemoryCommand)> = Vec::new();
+        let mut write = sample();
+        write.expires_at = Some(far);
+        cases.push(("expires_at", MemoryCommand::Write(write)));
+        let mut write = sample();
+        write.issued_at = i64::MIN;
+        cases.push(("issued_at", MemoryCommand::Write(write)));
+        let mut write = sample();
+        write.metadata_json = format!(r#"{{"a":{}1{}}}"#, "[".repeat(40), "]".repeat(40));
+        cases.push(("metadata", MemoryCommand::Write(write)));
+        let mut write = sample();
+        write.metadata_json = r#"{"a":{"b\u0000":1}}"#.into();
+        cases.push(("metadata.a.<key>", MemoryCommand::Write(write)));
+        let [MemoryCommand::Update(update), ..] = &one_of_each()[1..] else {
+            unreachable!()
+        };
+        let mut update = update.clone();
+        update.expires_at = Some(-far);
+        cases.push(("expires_at", MemoryCommand::Update(update)));
+        for (field, command) in cases {
+            let err = command.validate().unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+            let err = MemoryCommand::decode(&command.encode().unwrap()).unwrap_err();
+            assert_eq!(err.class(), "invalid");
+            assert!(err.to_string().starts_with(&format!("{field}: ")), "{err}");
+        }
+        let mut write = sample();
+        write.expires_at = Some(crate::validate::MAX_TIME_MS);
+        assert_eq!(write.validate(), Ok(()));
+    }
 }
 
 #[cfg(test)]
@@ -596,6 +665,8 @@ mod evolution {
     use apache_avro::reader::datum::GenericDatumReader;
     use apache_avro::types::Value;
     use apache_avro::writer::datum::GenericDatumWriter;
+
+    use uuid::Uuid;
 
     use super::tests::sample;
     use super::*;

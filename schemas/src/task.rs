@@ -8,13 +8,15 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::memory::{ValidationError, check_name, check_tags, check_uuid};
 use crate::registry::{CommandKind, DecodeError, registry};
+pub use crate::validate::MAX_STEPS;
+use crate::validate::{
+    JsonKind, ValidationError, WorkflowDag, check_bounded_text, check_name, check_optional_text, check_tags,
+    check_text, check_time, check_uuid, parse_json,
+};
 
 /// Largest task payload, task result or workflow input, in bytes of serialized JSON.
 pub const MAX_JSON_BYTES: usize = 64 * 1024;
-/// Most steps of a workflow template.
-pub const MAX_STEPS: usize = 64;
 /// Most tasks an agent may hold at once.
 pub const MAX_CONCURRENT: i32 = 1000;
 /// Most attempts of a task.
@@ -209,19 +211,11 @@ fn task_key<'a>(workflow_id: &'a Option<String>, task_id: &'a str) -> &'a str {
 }
 
 fn check_json(field: &'static str, json: &str) -> Result<(), ValidationError> {
-    if json.len() > MAX_JSON_BYTES {
-        return Err(ValidationError::new(
-            field,
-            format!("too large: {} bytes, at most {MAX_JSON_BYTES}", json.len()),
-        ));
-    }
-    serde_json::from_str::<serde_json::Value>(json)
-        .map(|_| ())
-        .map_err(|_| ValidationError::new(field, "must be JSON"))
+    parse_json(field, json, MAX_JSON_BYTES, JsonKind::Any).map(|_| ())
 }
 
 fn check_range<T: PartialOrd + std::fmt::Display>(
-    field: &'static str,
+    field: impl Into<std::borrow::Cow<'static, str>>,
     value: T,
     min: T,
     max: T,
@@ -297,23 +291,20 @@ impl TaskCommand {
     pub fn validate(&self) -> Result<(), ValidationError> {
         check_uuid("command_id", self.command_id())?;
         check_name("actor", self.actor())?;
+        check_time("issued_at", each!(self, c => c.issued_at))?;
+        check_optional_text("traceparent", self.traceparent())?;
         match self {
             TaskCommand::RegisterAgent(c) => {
                 check_name("agent_id", &c.agent_id)?;
-                check_tags(&c.capabilities).map_err(|e| ValidationError::new("capabilities", e.message))?;
+                check_tags("capabilities", &c.capabilities)?;
                 check_range("max_concurrent", c.max_concurrent, 1, MAX_CONCURRENT)?;
-                check_json("metadata", &c.metadata_json)?;
-                match serde_json::from_str::<serde_json::Value>(&c.metadata_json) {
-                    Ok(serde_json::Value::Object(_)) => Ok(()),
-                    _ => Err(ValidationError::new("metadata", "must be a JSON object")),
-                }
+                parse_json("metadata", &c.metadata_json, MAX_JSON_BYTES, JsonKind::Object).map(|_| ())
             }
             TaskCommand::Heartbeat(c) => check_name("agent_id", &c.agent_id),
             TaskCommand::DeregisterAgent(c) => check_name("agent_id", &c.agent_id),
             TaskCommand::Delegate(c) => {
                 check_name("task_id", &c.task_id)?;
-                check_tags(&c.required_capabilities)
-                    .map_err(|e| ValidationError::new("required_capabilities", e.message))?;
+                check_tags("required_capabilities", &c.required_capabilities)?;
                 check_json("payload", &c.payload_json)?;
                 check_range("timeout_ms", c.timeout_ms, 1, MAX_TIMEOUT_MS)?;
                 check_range("max_attempts", c.max_attempts, 1, MAX_ATTEMPTS)?;
@@ -335,26 +326,30 @@ impl TaskCommand {
                 check_name("task_id", &c.task_id)?;
                 check_name("agent_id", &c.agent_id)?;
                 check_optional_name("workflow_id", &c.workflow_id)?;
-                if c.error.len() > MAX_JSON_BYTES {
-                    return Err(ValidationError::new("error", "too large"));
-                }
-                Ok(())
+                check_bounded_text("error", &c.error, MAX_JSON_BYTES)
             }
             TaskCommand::Cancel(c) => {
                 check_name("task_id", &c.task_id)?;
-                check_optional_name("workflow_id", &c.workflow_id)
+                check_optional_name("workflow_id", &c.workflow_id)?;
+                match &c.reason {
+                    Some(reason) => check_bounded_text("reason", reason, MAX_JSON_BYTES),
+                    None => Ok(()),
+                }
             }
             TaskCommand::DefineTemplate(c) => {
                 check_name("name", &c.name)?;
                 check_range("version", c.version, 1, i32::MAX)?;
                 check_range("steps", c.steps.len(), 1, MAX_STEPS)?;
-                for step in &c.steps {
-                    check_name("steps.step_id", &step.step_id)?;
-                    check_name("steps.capability", &step.capability)?;
-                    check_range("steps.timeout_ms", step.timeout_ms, 1, MAX_TIMEOUT_MS)?;
-                    check_range("steps.max_attempts", step.max_attempts, 1, MAX_ATTEMPTS)?;
+                for (i, step) in c.steps.iter().enumerate() {
+                    check_name(format!("steps[{i}].step_id"), &step.step_id)?;
+                    check_name(format!("steps[{i}].capability"), &step.capability)?;
+                    for dependency in &step.depends_on {
+                        check_name(format!("steps[{i}].depends_on"), dependency)?;
+                    }
+                    check_range(format!("steps[{i}].timeout_ms"), step.timeout_ms, 1, MAX_TIMEOUT_MS)?;
+                    check_range(format!("steps[{i}].max_attempts"), step.max_attempts, 1, MAX_ATTEMPTS)?;
                 }
-                Ok(())
+                WorkflowDag::parse(&c.steps).map(|_| ())
             }
             TaskCommand::StartWorkflow(c) => {
                 check_name("workflow_id", &c.workflow_id)?;
@@ -363,6 +358,20 @@ impl TaskCommand {
             }
             TaskCommand::Tick(c) => check_range("partition", c.partition, 0, i32::MAX),
         }
+    }
+
+    /// The strings a rejection of this command would carry (command id, actor, trace context,
+    /// and the task, agent and workflow ids) hold no U+0000, so even its rejection can be
+    /// stored. The orchestrator dead-letters a record that breaks this; any other broken limit
+    /// is a rejection recorded in the views.
+    pub fn check_storable(&self) -> Result<(), ValidationError> {
+        check_text("command_id", self.command_id())?;
+        check_text("actor", self.actor())?;
+        check_optional_text("traceparent", self.traceparent())?;
+        let (task, agent, workflow) = self.subject();
+        check_optional_text("task_id", task)?;
+        check_optional_text("agent_id", agent)?;
+        check_optional_text("workflow_id", workflow)
     }
 
     /// Single-object encoding with the current schema of the command's kind.
@@ -378,9 +387,17 @@ impl TaskCommand {
         Ok(command)
     }
 
-    /// Decodes without checking limits: the orchestrator records an invalid command as a
-    /// rejection (with the command's ids) instead of dead-lettering it.
+    /// Decodes, refusing only what no view could store ([`TaskCommand::check_storable`]): the
+    /// orchestrator records any other invalid command as a rejection (with the command's ids)
+    /// instead of dead-lettering it.
     pub fn decode_unvalidated(bytes: &[u8]) -> Result<TaskCommand, DecodeError> {
+        let command = Self::decode_any(bytes)?;
+        command.check_storable()?;
+        Ok(command)
+    }
+
+    /// Decodes without any check.
+    fn decode_any(bytes: &[u8]) -> Result<TaskCommand, DecodeError> {
         let (kind, value) = registry().decode_value(bytes)?;
         let malformed = |e: apache_avro::Error| DecodeError::Malformed {
             schema: kind.full_name(),
@@ -640,6 +657,221 @@ mod tests {
         assert_eq!(
             TaskCommand::RegisterAgent(agent).validate().unwrap_err().field,
             "metadata"
+        );
+    }
+
+    /// One command of each kind a client sends, every optional string present.
+    fn one_of_each() -> Vec<TaskCommand> {
+        let id = || uuid::Uuid::new_v4().to_string();
+        let tp = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned());
+        let wf = Some("wf1".to_owned());
+        let step = |s: &str, deps: &[&str]| WorkflowStep {
+            step_id: s.into(),
+            capability: "cap".into(),
+            depends_on: deps.iter().map(|d| d.to_string()).collect(),
+            timeout_ms: 1000,
+            max_attempts: 1,
+        };
+        vec![
+            TaskCommand::RegisterAgent(RegisterAgent {
+                command_id: id(),
+                actor: "a1".into(),
+                issued_at: 1,
+                traceparent: tp.clone(),
+                agent_id: "a1".into(),
+                capabilities: vec!["cap".into()],
+                max_concurrent: 2,
+                metadata_json: r#"{"zone":"eu","tags":["x"]}"#.into(),
+            }),
+            TaskCommand::Heartbeat(AgentHeartbeat {
+                command_id: id(),
+                actor: "a1".into(),
+                issued_at: 1,
+                traceparent: tp.clone(),
+                agent_id: "a1".into(),
+            }),
+            TaskCommand::DeregisterAgent(DeregisterAgent {
+                command_id: id(),
+                actor: "a1".into(),
+                issued_at: 1,
+                traceparent: tp.clone(),
+                agent_id: "a1".into(),
+            }),
+            TaskCommand::Delegate(DelegateTask {
+                command_id: id(),
+                actor: "api".into(),
+                issued_at: 1,
+                traceparent: tp.clone(),
+                task_id: "t1".into(),
+                required_capabilities: vec!["cap".into()],
+                payload_json: r#"{"text":["hi"]}"#.into(),
+                priority: 0,
+                timeout_ms: 1000,
+                max_attempts: 1,
+                preferred_agent: Some("a1".into()),
+                workflow_id: wf.clone(),
+            }),
+            TaskCommand::Start(StartTask {
+                command_id: id(),
+                actor: "a1".into(),
+                issued_at: 1,
+                traceparent: tp.clone(),
+                task_id: "t1".into(),
+                agent_id: "a1".into(),
+                workflow_id: wf.clone(),
+            }),
+            TaskCommand::Complete(CompleteTask {
+                command_id: id(),
+                actor: "a1".into(),
+                issued_at: 1,
+                traceparent: tp.clone(),
+                task_id: "t1".into(),
+                agent_id: "a1".into(),
+                workflow_id: wf.clone(),
+                result_json: r#""done""#.into(),
+            }),
+            TaskCommand::Fail(FailTask {
+                command_id: id(),
+                actor: "a1".into(),
+                issued_at: 1,
+                traceparent: tp.clone(),
+                task_id: "t1".into(),
+                agent_id: "a1".into(),
+                workflow_id: wf.clone(),
+                error: "boom".into(),
+                retriable: true,
+            }),
+            TaskCommand::Cancel(CancelTask {
+                command_id: id(),
+                actor: "api".into(),
+                issued_at: 1,
+                traceparent: tp.clone(),
+                task_id: "t1".into(),
+                workflow_id: wf.clone(),
+                reason: Some("not needed".into()),
+            }),
+            TaskCommand::DefineTemplate(DefineWorkflowTemplate {
+                command_id: id(),
+                actor: "api".into(),
+                issued_at: 1,
+                traceparent: tp.clone(),
+                name: "etl".into(),
+                version: 1,
+                steps: vec![step("a", &[]), step("b", &["a"])],
+            }),
+            TaskCommand::StartWorkflow(StartWorkflow {
+                command_id: id(),
+                actor: "api".into(),
+                issued_at: 1,
+                traceparent: tp,
+                workflow_id: "wf1".into(),
+                template: "etl".into(),
+                template_version: Some(1),
+                input_json: r#"{"rows":[1,2]}"#.into(),
+                priority: 0,
+            }),
+        ]
+    }
+
+    fn poisoned(command: &TaskCommand) -> Vec<(String, TaskCommand)> {
+        use crate::validate::each_string_poisoned;
+        fn wrap<T, F>(c: &T, f: F) -> Vec<(String, TaskCommand)>
+        where
+            T: Serialize + serde::de::DeserializeOwned,
+            F: Fn(T) -> TaskCommand,
+        {
+            each_string_poisoned(c).into_iter().map(|(p, c)| (p, f(c))).collect()
+        }
+        match command {
+            TaskCommand::RegisterAgent(c) => wrap(c, TaskCommand::RegisterAgent),
+            TaskCommand::Heartbeat(c) => wrap(c, TaskCommand::Heartbeat),
+            TaskCommand::DeregisterAgent(c) => wrap(c, TaskCommand::DeregisterAgent),
+            TaskCommand::Delegate(c) => wrap(c, TaskCommand::Delegate),
+            TaskCommand::Start(c) => wrap(c, TaskCommand::Start),
+            TaskCommand::Complete(c) => wrap(c, TaskCommand::Complete),
+            TaskCommand::Fail(c) => wrap(c, TaskCommand::Fail),
+            TaskCommand::Cancel(c) => wrap(c, TaskCommand::Cancel),
+            TaskCommand::DefineTemplate(c) => wrap(c, TaskCommand::DefineTemplate),
+            TaskCommand::StartWorkflow(c) => wrap(c, TaskCommand::StartWorkflow),
+            TaskCommand::Tick(c) => wrap(c, TaskCommand::Tick),
+        }
+    }
+
+    /// U+0000 in any string of any command is invalid, naming the field; when the string is
+    /// one a rejection would carry, the decoder refuses the record outright (dead letter).
+    #[test]
+    fn nul_in_any_string_of_any_command_is_invalid_and_named() {
+        let carried = ["command_id", "actor", "traceparent", "task_id", "agent_id", "workflow_id"];
+        let mut checked = 0;
+        for command in one_of_each() {
+            assert_eq!(command.validate(), Ok(()), "{command:?}");
+            for (path, bad) in poisoned(&command) {
+                let top = path.trim_start_matches('/').split('/').next().unwrap();
+                let field = top.strip_suffix("_json").unwrap_or(top);
+                let err = bad.validate().unwrap_err();
+                assert!(err.field.starts_with(field), "{path}: {err}");
+                let bytes = bad.encode().unwrap();
+                let decoded = TaskCommand::decode(&bytes).unwrap_err();
+                assert_eq!(decoded.class(), "invalid", "{path}");
+                let carried_by_rejection = carried.contains(&field)
+                    && bad.subject() != (None, None, None)
+                    || ["command_id", "actor", "traceparent"].contains(&field);
+                let unvalidated = TaskCommand::decode_unvalidated(&bytes);
+                if carried_by_rejection {
+                    let err = unvalidated.unwrap_err();
+                    assert!(err.to_string().starts_with(field), "{path}: {err}");
+                } else {
+                    assert!(unvalidated.is_ok(), "{path}: rejected by the orchestrator instead");
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked >= 50, "only {checked} strings poisoned");
+    }
+
+    #[test]
+    fn templates_and_times_are_checked_before_append() {
+        let commands = one_of_each();
+        let TaskCommand::DefineTemplate(template) = &commands[8] else {
+            unreachable!()
+        };
+        let step = |s: &str, deps: &[&str]| WorkflowStep {
+            step_id: s.into(),
+            depends_on: deps.iter().map(|d| d.to_string()).collect(),
+            ..template.steps[0].clone()
+        };
+        let cases = [
+            (vec![step("a", &["b"]), step("b", &["a"])], "steps", "cycle"),
+            (vec![step("a", &["a"])], "steps[0].depends_on", "itself"),
+            (vec![step("a", &["nope"])], "steps[0].depends_on", "unknown"),
+            (vec![step("a", &[]), step("a", &[])], "steps[1].step_id", "twice"),
+            (
+                (0..=MAX_STEPS).map(|i| step(&format!("s{i}"), &[])).collect(),
+                "steps",
+                "between 1 and",
+            ),
+        ];
+        for (steps, field, message) in cases {
+            let mut bad = template.clone();
+            bad.steps = steps;
+            let err = TaskCommand::DefineTemplate(bad).validate().unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+            assert!(err.message.contains(message), "{err}");
+        }
+        let TaskCommand::Delegate(delegate) = &commands[3] else {
+            unreachable!()
+        };
+        let mut bad = delegate.clone();
+        bad.issued_at = crate::validate::MAX_TIME_MS + 1;
+        assert_eq!(TaskCommand::Delegate(bad).validate().unwrap_err().field, "issued_at");
+        let mut bad = delegate.clone();
+        bad.payload_json = format!("{}0{}", "[".repeat(33), "]".repeat(33));
+        assert_eq!(TaskCommand::Delegate(bad).validate().unwrap_err().field, "payload");
+        let mut bad = delegate.clone();
+        bad.payload_json = r#"{"k":["\u0000"]}"#.into();
+        assert_eq!(
+            TaskCommand::Delegate(bad).validate().unwrap_err().field,
+            "payload.k[0]"
         );
     }
 
