@@ -17,6 +17,20 @@ pub const MAX_METADATA_BYTES: usize = 16 * 1024;
 pub const MAX_EMBEDDING_DIMENSIONS: usize = 4096;
 pub use crate::validate::{MAX_NAME_BYTES, MAX_TAG_BYTES, MAX_TAGS, ValidationError};
 
+/// Namespace of [`memory_id_for_command`]'s name-based hash.
+const MEMORY_ID_NAMESPACE: uuid::Uuid = uuid::uuid!("6d656d4f-532d-4d65-8d6f-72792d696473");
+
+/// The memory a write creates when its producer names none, derived from the command id so
+/// that every retry of one command names the same memory (the projector applies a command id
+/// once). A UUIDv8: the command id's first 48 bits (its millisecond time when it is a UUIDv7,
+/// as the API generates them, so ids stay time-ordered like v7 ids) followed by bits of the
+/// command id's SHA-1 (UUIDv5) hash.
+pub fn memory_id_for_command(command_id: &uuid::Uuid) -> uuid::Uuid {
+    let mut bytes = uuid::Uuid::new_v5(&MEMORY_ID_NAMESPACE, command_id.as_bytes()).into_bytes();
+    bytes[..6].copy_from_slice(&command_id.as_bytes()[..6]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
 /// How a memory is used, after the usual taxonomy of agent memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -622,6 +636,21 @@ mod tests {
             }
         }
         assert!(checked >= 40, "only {checked} strings poisoned");
+    }
+
+    #[test]
+    fn derived_memory_ids_are_stable_distinct_and_time_ordered() {
+        let a = Uuid::now_v7();
+        assert_eq!(memory_id_for_command(&a), memory_id_for_command(&a));
+        assert_eq!(memory_id_for_command(&a).get_version_num(), 8);
+        assert_eq!(memory_id_for_command(&a).as_bytes()[..6], a.as_bytes()[..6]);
+        let ids: std::collections::BTreeSet<Uuid> =
+            (0..10_000).map(|_| memory_id_for_command(&Uuid::new_v4())).collect();
+        assert_eq!(ids.len(), 10_000);
+        assert_ne!(memory_id_for_command(&a), a);
+        // Fixed forever: ids already in the log were derived with it.
+        let fixed = Uuid::parse_str("01890a5d-ac96-774b-bcce-b302099a8057").unwrap();
+        assert_eq!(memory_id_for_command(&fixed).to_string(), "01890a5d-ac96-8dcd-8960-91e29fba17d7");
     }
 
     #[test]
