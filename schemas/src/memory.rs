@@ -2,12 +2,12 @@
 //! codec. Limits are enforced on both sides of the log: the API answers 4xx before appending,
 //! and the projector dead-letters a record from any other producer that breaks them.
 
-use serde::{Deserialize, Serialize};
 use crate::registry::{CommandKind, DecodeError, registry};
 use crate::validate::{
     JsonKind, check_bounded_text, check_name, check_optional_text, check_tags, check_text, check_time,
     check_uuid, parse_json,
 };
+use serde::{Deserialize, Serialize};
 
 /// Largest memory content, in bytes of UTF-8.
 pub const MAX_CONTENT_BYTES: usize = 64 * 1024;
@@ -605,7 +605,10 @@ mod tests {
             T: Serialize + serde::de::DeserializeOwned,
             F: Fn(T) -> MemoryCommand,
         {
-            each_string_poisoned(c).into_iter().map(|(p, c)| (p, f(c))).collect()
+            each_string_poisoned(c)
+                .into_iter()
+                .map(|(p, c)| (p, f(c)))
+                .collect()
         }
         match command {
             MemoryCommand::Write(c) => wrap(c, MemoryCommand::Write),
@@ -644,13 +647,17 @@ mod tests {
         assert_eq!(memory_id_for_command(&a), memory_id_for_command(&a));
         assert_eq!(memory_id_for_command(&a).get_version_num(), 8);
         assert_eq!(memory_id_for_command(&a).as_bytes()[..6], a.as_bytes()[..6]);
-        let ids: std::collections::BTreeSet<Uuid> =
-            (0..10_000).map(|_| memory_id_for_command(&Uuid::new_v4())).collect();
+        let ids: std::collections::BTreeSet<Uuid> = (0..10_000)
+            .map(|_| memory_id_for_command(&Uuid::new_v4()))
+            .collect();
         assert_eq!(ids.len(), 10_000);
         assert_ne!(memory_id_for_command(&a), a);
         // Fixed forever: ids already in the log were derived with it.
         let fixed = Uuid::parse_str("01890a5d-ac96-774b-bcce-b302099a8057").unwrap();
-        assert_eq!(memory_id_for_command(&fixed).to_string(), "01890a5d-ac96-8dcd-8960-91e29fba17d7");
+        assert_eq!(
+            memory_id_for_command(&fixed).to_string(),
+            "01890a5d-ac96-8dcd-8960-91e29fba17d7"
+        );
     }
 
     #[test]

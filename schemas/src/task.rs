@@ -346,8 +346,18 @@ impl TaskCommand {
                     for dependency in &step.depends_on {
                         check_name(format!("steps[{i}].depends_on"), dependency)?;
                     }
-                    check_range(format!("steps[{i}].timeout_ms"), step.timeout_ms, 1, MAX_TIMEOUT_MS)?;
-                    check_range(format!("steps[{i}].max_attempts"), step.max_attempts, 1, MAX_ATTEMPTS)?;
+                    check_range(
+                        format!("steps[{i}].timeout_ms"),
+                        step.timeout_ms,
+                        1,
+                        MAX_TIMEOUT_MS,
+                    )?;
+                    check_range(
+                        format!("steps[{i}].max_attempts"),
+                        step.max_attempts,
+                        1,
+                        MAX_ATTEMPTS,
+                    )?;
                 }
                 WorkflowDag::parse(&c.steps).map(|_| ())
             }
@@ -780,7 +790,10 @@ mod tests {
             T: Serialize + serde::de::DeserializeOwned,
             F: Fn(T) -> TaskCommand,
         {
-            each_string_poisoned(c).into_iter().map(|(p, c)| (p, f(c))).collect()
+            each_string_poisoned(c)
+                .into_iter()
+                .map(|(p, c)| (p, f(c)))
+                .collect()
         }
         match command {
             TaskCommand::RegisterAgent(c) => wrap(c, TaskCommand::RegisterAgent),
@@ -801,7 +814,14 @@ mod tests {
     /// one a rejection would carry, the decoder refuses the record outright (dead letter).
     #[test]
     fn nul_in_any_string_of_any_command_is_invalid_and_named() {
-        let carried = ["command_id", "actor", "traceparent", "task_id", "agent_id", "workflow_id"];
+        let carried = [
+            "command_id",
+            "actor",
+            "traceparent",
+            "task_id",
+            "agent_id",
+            "workflow_id",
+        ];
         let mut checked = 0;
         for command in one_of_each() {
             assert_eq!(command.validate(), Ok(()), "{command:?}");
@@ -813,15 +833,17 @@ mod tests {
                 let bytes = bad.encode().unwrap();
                 let decoded = TaskCommand::decode(&bytes).unwrap_err();
                 assert_eq!(decoded.class(), "invalid", "{path}");
-                let carried_by_rejection = carried.contains(&field)
-                    && bad.subject() != (None, None, None)
+                let carried_by_rejection = carried.contains(&field) && bad.subject() != (None, None, None)
                     || ["command_id", "actor", "traceparent"].contains(&field);
                 let unvalidated = TaskCommand::decode_unvalidated(&bytes);
                 if carried_by_rejection {
                     let err = unvalidated.unwrap_err();
                     assert!(err.to_string().starts_with(field), "{path}: {err}");
                 } else {
-                    assert!(unvalidated.is_ok(), "{path}: rejected by the orchestrator instead");
+                    assert!(
+                        unvalidated.is_ok(),
+                        "{path}: rejected by the orchestrator instead"
+                    );
                 }
                 checked += 1;
             }
@@ -863,10 +885,16 @@ mod tests {
         };
         let mut bad = delegate.clone();
         bad.issued_at = crate::validate::MAX_TIME_MS + 1;
-        assert_eq!(TaskCommand::Delegate(bad).validate().unwrap_err().field, "issued_at");
+        assert_eq!(
+            TaskCommand::Delegate(bad).validate().unwrap_err().field,
+            "issued_at"
+        );
         let mut bad = delegate.clone();
         bad.payload_json = format!("{}0{}", "[".repeat(33), "]".repeat(33));
-        assert_eq!(TaskCommand::Delegate(bad).validate().unwrap_err().field, "payload");
+        assert_eq!(
+            TaskCommand::Delegate(bad).validate().unwrap_err().field,
+            "payload"
+        );
         let mut bad = delegate.clone();
         bad.payload_json = r#"{"k":["\u0000"]}"#.into();
         assert_eq!(

@@ -160,7 +160,10 @@ impl Timestamp {
     }
 
     /// From Unix milliseconds (the wire form of every time in the schemas).
-    pub fn from_millis(field: impl Into<Cow<'static, str>>, millis: i64) -> Result<Timestamp, ValidationError> {
+    pub fn from_millis(
+        field: impl Into<Cow<'static, str>>,
+        millis: i64,
+    ) -> Result<Timestamp, ValidationError> {
         if (MIN_TIME_MS..=MAX_TIME_MS).contains(&millis) {
             Ok(Timestamp(millis))
         } else {
@@ -298,8 +301,8 @@ pub fn parse_json(
             format!("nested {depth} levels deep, at most {MAX_JSON_DEPTH}"),
         ));
     }
-    let value: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| ValidationError::new(field, format!("must be JSON: {e}")))?;
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| ValidationError::new(field, format!("must be JSON: {e}")))?;
     if kind == JsonKind::Object && !value.is_object() {
         return Err(ValidationError::new(field, "must be a JSON object"));
     }
@@ -342,10 +345,7 @@ impl SearchQuery {
         if text.len() > MAX_SEARCH_QUERY_BYTES {
             return Err(ValidationError::new(
                 field,
-                format!(
-                    "too long: {} bytes, at most {MAX_SEARCH_QUERY_BYTES}",
-                    text.len()
-                ),
+                format!("too long: {} bytes, at most {MAX_SEARCH_QUERY_BYTES}", text.len()),
             ));
         }
         check_text(field, &text)?;
@@ -505,11 +505,17 @@ mod tests {
         assert!(Timestamp::from_millis("t", MIN_TIME_MS).is_ok());
         assert!(Timestamp::from_millis("t", MAX_TIME_MS).is_ok());
         assert_eq!(
-            Timestamp::from_millis("t", MAX_TIME_MS).unwrap().to_datetime().to_rfc3339(),
+            Timestamp::from_millis("t", MAX_TIME_MS)
+                .unwrap()
+                .to_datetime()
+                .to_rfc3339(),
             "9999-12-31T23:59:59.999+00:00"
         );
         assert_eq!(
-            Timestamp::from_millis("t", MIN_TIME_MS).unwrap().to_datetime().to_rfc3339(),
+            Timestamp::from_millis("t", MIN_TIME_MS)
+                .unwrap()
+                .to_datetime()
+                .to_rfc3339(),
             "0001-01-01T00:00:00+00:00"
         );
         for millis in [MAX_TIME_MS + 1, MIN_TIME_MS - 1, i64::MAX, i64::MIN] {
@@ -525,7 +531,10 @@ mod tests {
     #[test]
     fn depth_is_limited_at_every_depth_and_counted_without_recursion() {
         for depth in 0..=MAX_JSON_DEPTH {
-            assert!(parse_json("payload", &nested(depth), 1 << 20, JsonKind::Any).is_ok(), "{depth}");
+            assert!(
+                parse_json("payload", &nested(depth), 1 << 20, JsonKind::Any).is_ok(),
+                "{depth}"
+            );
         }
         for depth in [MAX_JSON_DEPTH + 1, 128, 129, 100_000] {
             let err = parse_json("payload", &nested(depth), 1 << 20, JsonKind::Any).unwrap_err();
@@ -653,7 +662,11 @@ mod tests {
         let cases: Vec<(Vec<WorkflowStep>, &str, &str)> = vec![
             (vec![], "steps", "1 to"),
             (vec![step("a", &["a"])], "steps[0].depends_on", "itself"),
-            (vec![step("a", &[]), step("b", &["z"])], "steps[1].depends_on", "unknown step \"z\""),
+            (
+                vec![step("a", &[]), step("b", &["z"])],
+                "steps[1].depends_on",
+                "unknown step \"z\"",
+            ),
             (vec![step("a", &[]), step("a", &[])], "steps[1].step_id", "twice"),
             (
                 vec![step("a", &["c"]), step("b", &["a"]), step("c", &["b"])],

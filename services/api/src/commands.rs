@@ -28,6 +28,8 @@ pub const ACTOR_HEADER: &str = "x-memos-actor";
 /// What every command needs besides its own fields.
 pub struct Header {
     pub command_id: String,
+    /// `command_id`, parsed.
+    pub command_uuid: Uuid,
     pub actor: String,
     pub issued_at: i64,
     pub traceparent: Option<String>,
@@ -49,8 +51,10 @@ pub fn header(headers: &HeaderMap, namespace: &str, command_id: Option<Uuid>) ->
         Some((parent, state)) => (Some(parent), state),
         None => (None, None),
     };
+    let command_uuid = command_id.unwrap_or_else(Uuid::now_v7);
     Ok(Header {
-        command_id: command_id.unwrap_or_else(Uuid::now_v7).to_string(),
+        command_id: command_uuid.to_string(),
+        command_uuid,
         actor,
         issued_at: Utc::now().timestamp_millis(),
         traceparent,

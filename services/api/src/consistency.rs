@@ -1,11 +1,16 @@
 //! Read-your-writes. A write answers a position token `partition:offset`; a read that sends
 //! it back in `X-Memos-Position` (several tokens may be comma-separated) waits until the
 //! views have applied every named record, up to `memory.read_your_writes_timeout`, then
-//! either serves the read or answers `504 not_caught_up` naming the position reached.
+//! either serves the read or answers `504 not_caught_up` naming the position reached. A token
+//! naming a partition the memory command topic does not have is a `400` at once: no write
+//! could have answered it, and waiting could never succeed.
 
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, StatusCode};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::error::ApiError;
 use crate::server::AppState;
@@ -43,6 +48,60 @@ async fn applied_up_to(state: &AppState, partition: i32) -> Result<i64, ApiError
     }
 }
 
+/// Partition counts by (brokers, topic), with when they were read. Process-wide because the
+/// count belongs to the cluster, not to one router; a topic only ever gains partitions.
+static PARTITIONS: LazyLock<Mutex<HashMap<TopicKey, (i32, Instant)>>> = LazyLock::new(Mutex::default);
+
+/// Brokers and topic.
+type TopicKey = (String, String);
+
+/// How often a token naming an unknown partition may make the API read the topic's metadata
+/// again (partitions may have been added since the count was cached).
+const REFRESH_EVERY: Duration = Duration::from_secs(1);
+
+/// The partition count of the memory command topic; `None` when the broker does not tell
+/// (the read then waits as it would without the check).
+async fn partition_count(state: &AppState, partition: i32) -> Option<i32> {
+    let key = (
+        state.config.kafka.brokers.clone(),
+        state.config.topics.memory_commands.clone(),
+    );
+    let cached = PARTITIONS.lock().expect("partition cache").get(&key).copied();
+    if let Some((count, read_at)) = cached
+        && (partition < count || read_at.elapsed() < REFRESH_EVERY)
+    {
+        return Some(count);
+    }
+    let kafka = state.config.kafka.clone();
+    let topic = key.1.clone();
+    let fetched = tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = memos_kafka::client::base_config(&kafka, "api-metadata").create()?;
+        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5))?;
+        Ok::<_, rdkafka::error::KafkaError>(
+            metadata.topics().first().map_or(0, |t| t.partitions().len()) as i32
+        )
+    })
+    .await;
+    match fetched {
+        Ok(Ok(count)) if count > 0 => {
+            PARTITIONS
+                .lock()
+                .expect("partition cache")
+                .insert(key, (count, Instant::now()));
+            Some(count)
+        }
+        Ok(Ok(_)) => cached.map(|(count, _)| count),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot read the partition count of the memory topic");
+            cached.map(|(count, _)| count)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "partition count task failed");
+            cached.map(|(count, _)| count)
+        }
+    }
+}
+
 /// Waits until the views reflect every position the request names.
 pub async fn wait_for(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(value) = headers.get(POSITION_HEADER) else {
@@ -53,6 +112,18 @@ pub async fn wait_for(state: &AppState, headers: &HeaderMap) -> Result<(), ApiEr
             .to_str()
             .map_err(|_| ApiError::bad_request("X-Memos-Position is not text"))?,
     )?;
+    for &(partition, _) in &tokens {
+        let unknown = partition < 0
+            || partition_count(state, partition)
+                .await
+                .is_some_and(|count| partition >= count);
+        if unknown {
+            return Err(ApiError::bad_request(format!(
+                "X-Memos-Position names partition {partition}, which the memory command topic does not have"
+            ))
+            .with_field("x-memos-position"));
+        }
+    }
     let bound = state.config.memory.read_your_writes_timeout;
     let start = Instant::now();
     for (partition, offset) in tokens {

@@ -69,7 +69,15 @@ impl From<ValidationError> for ApiError {
         } else {
             (StatusCode::UNPROCESSABLE_ENTITY, "invalid")
         };
-        ApiError::new(status, code, e.message.clone()).with_field(e.field)
+        ApiError::new(status, code, e.message).with_field(e.field)
+    }
+}
+
+impl ApiError {
+    /// A read parameter (path, query, search body) that breaks a rule of
+    /// `memos_schemas::validate`: `400`, naming the parameter.
+    pub fn bad_param(e: ValidationError) -> Self {
+        ApiError::bad_request(e.message).with_field(e.field)
     }
 }
 

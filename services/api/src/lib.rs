@@ -7,6 +7,7 @@
 //!
 //! - [`commands`]: appending commands; their status.
 //! - [`consistency`]: read-your-writes with position tokens.
+//! - [`edge`]: the bounds every request meets first: timeouts, concurrency, parameters.
 //! - [`error`]: the error body and its status codes.
 //! - [`memories`]: memory commands and memory queries.
 //! - [`registry`]: shares and the tool registry.
@@ -15,6 +16,7 @@
 
 pub mod commands;
 pub mod consistency;
+pub mod edge;
 pub mod error;
 pub mod memories;
 pub mod registry;

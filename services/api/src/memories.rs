@@ -23,6 +23,8 @@ use chrono::{DateTime, Utc};
 use memos_postgres::memories::{HistoryRow, Memory};
 use memos_postgres::queries::{self, Cursor, ListFilter, Scored, SearchMode};
 use memos_runtime::metrics::{self as m, observe};
+use memos_schemas::memory::MAX_METADATA_BYTES;
+use memos_schemas::validate::{self, JsonKind, SearchQuery};
 use memos_schemas::{ForgetMemory, MemoryCommand, Tier, UpdateMemory, WriteMemory};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -143,7 +145,10 @@ pub async fn write(
     let Json(request) = body?;
     let h = commands::header(&headers, &request.agent_id, request.command_id)?;
     check_dimensions(&state, request.embedding.as_ref())?;
-    let memory_id = request.memory_id.unwrap_or_else(Uuid::now_v7);
+    // Derived from the command id, so a retried command names the same memory every time.
+    let memory_id = request
+        .memory_id
+        .unwrap_or_else(|| memos_schemas::memory::memory_id_for_command(&h.command_uuid));
     if request.memory_id.is_some() && request.command_id.is_none() {
         // A client-chosen id without a command id cannot be a retry of an accepted write.
         refuse_certain_conflict(&state, memory_id, None, true).await?;
@@ -275,6 +280,7 @@ pub async fn get(
 ) -> Result<Response, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let memory_id = parse_uuid("memory_id", &id)?;
+    validate::check_time_param("as_of", params.as_of.as_ref()).map_err(ApiError::bad_param)?;
     let reader = reader(&headers)?;
     consistency::wait_for(&state, &headers).await?;
     let not_found = || ApiError::not_found(format!("no memory {memory_id}"));
@@ -433,11 +439,20 @@ pub async fn list(
     let metadata = params
         .metadata
         .as_deref()
-        .map(|m| match serde_json::from_str::<serde_json::Value>(m) {
-            Ok(value @ serde_json::Value::Object(_)) => Ok(value),
-            _ => Err(ApiError::bad_request("metadata must be a JSON object").with_field("metadata")),
+        .map(|m| {
+            validate::parse_json("metadata", m, MAX_METADATA_BYTES, JsonKind::Object)
+                .map_err(ApiError::bad_param)
         })
         .transpose()?;
+    for (field, time) in [
+        ("created_after", &params.created_after),
+        ("created_before", &params.created_before),
+        ("updated_after", &params.updated_after),
+        ("updated_before", &params.updated_before),
+        ("as_of", &params.as_of),
+    ] {
+        validate::check_time_param(field, time.as_ref()).map_err(ApiError::bad_param)?;
+    }
     let filter = ListFilter {
         tier: params.tier.map(|t| t.as_str().to_owned()),
         tags_any: split_tags(params.tags_any),
@@ -540,7 +555,13 @@ pub async fn search(
         return Err(ApiError::bad_request("limit must be 1 to 100").with_field("limit"));
     }
     check_dimensions(&state, request.embedding.as_ref())?;
-    let query = request.query.filter(|q| !q.trim().is_empty());
+    validate::check_param("agent_id", &request.agent_id).map_err(ApiError::bad_param)?;
+    let query = request
+        .query
+        .filter(|q| !q.trim().is_empty())
+        .map(|q| SearchQuery::parse("query", q).map(SearchQuery::into_inner))
+        .transpose()
+        .map_err(ApiError::bad_param)?;
     let (mode, name) = match (query, request.embedding) {
         (Some(query), None) => (SearchMode::Text(query), "text"),
         (None, Some(embedding)) => (SearchMode::Vector(embedding), "vector"),

@@ -9,6 +9,7 @@ use axum::http::{HeaderMap, StatusCode};
 use memos_postgres::memories::ToolRow;
 use memos_postgres::queries;
 use memos_runtime::metrics::{self as m, observe};
+use memos_schemas::validate::{self, SearchQuery};
 use memos_schemas::{MemoryCommand, RegisterTool, RevokeShare, ShareMemory};
 use serde::Deserialize;
 use uuid::Uuid;
@@ -132,9 +133,22 @@ pub async fn tools(
     if !(1..=500).contains(&limit) {
         return Err(ApiError::bad_request("limit must be 1 to 500").with_field("limit"));
     }
+    let q = params
+        .q
+        .filter(|q| !q.trim().is_empty())
+        .map(|q| SearchQuery::parse("q", q))
+        .transpose()
+        .map_err(ApiError::bad_param)?;
+    if let Some(tag) = &params.tag {
+        validate::check_param("tag", tag).map_err(ApiError::bad_param)?;
+    }
     crate::consistency::wait_for(&state, &headers).await?;
-    let q = params.q.as_deref().filter(|q| !q.trim().is_empty());
-    let read = queries::tools(&state.pool, q, params.tag.as_deref(), limit);
+    let read = queries::tools(
+        &state.pool,
+        q.as_ref().map(SearchQuery::as_str),
+        params.tag.as_deref(),
+        limit,
+    );
     let rows = observe(m::POSTGRES_SECONDS, m::POSTGRES_ERRORS, "tools", read)
         .await
         .map_err(|e| ApiError::internal("cannot read tools", e))?;

@@ -1,7 +1,7 @@
 //! The router, the listener and graceful shutdown. [`Api::bind`] binds first (port 0 works
 //! for tests) and exposes the bound address; [`Api::run_until_stopped`] serves until the
 //! token is cancelled, then stops taking requests, lets the ones in flight finish, and
-//! flushes the producer.
+//! flushes the producer. The bounds every request meets first are in [`crate::edge`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::edge::{self, Edge};
 use crate::error::ApiError;
 use crate::{commands, memories, registry, tasks};
 
@@ -35,6 +36,7 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState) -> Router {
+    let edge = Edge::new(&state.config.http);
     let v1 = Router::new()
         .route("/memories", post(memories::write))
         .route("/memories/search", post(memories::search))
@@ -62,7 +64,12 @@ pub fn router(state: AppState) -> Router {
         .route("/workflows", post(tasks::start_workflow))
         .route("/workflows/{id}", get(tasks::workflow))
         .route("/orchestrator/stats", get(tasks::stats))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+        // Innermost first: parameters, body, token, time, concurrency (see crate::edge).
+        .route_layer(middleware::from_fn(edge::check_params))
+        .route_layer(middleware::from_fn_with_state(edge.clone(), edge::read_body))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .route_layer(middleware::from_fn_with_state(edge.clone(), edge::limit_time))
+        .route_layer(middleware::from_fn_with_state(edge, edge::limit_concurrency));
     Router::new()
         .nest("/v1", v1)
         .route("/healthz", get(|| async { "ok" }))
@@ -137,6 +144,24 @@ async fn observe(request: Request, next: Next) -> Response {
     response
 }
 
+/// The token of an `Authorization` value of the `Bearer` scheme; the scheme name is
+/// case-insensitive (RFC 9110 section 11.1), and spaces may separate it from the token.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim_start_matches(' ');
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// Compares in time that depends only on the lengths, so the answer's timing does not reveal
+/// how much of a guessed token is right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let difference = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(difference) == 0
+}
+
 /// Checks the bearer token when one is configured.
 async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {
     if let Some(token) = &state.config.http.api_token {
@@ -144,8 +169,8 @@ async fn authorize(State(state): State<AppState>, request: Request, next: Next) 
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if presented != Some(token.expose()) {
+            .and_then(bearer_token);
+        if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.expose().as_bytes())) {
             return ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -182,6 +207,7 @@ pub struct Api {
     listener: TcpListener,
     router: Router,
     producer: CommandProducer,
+    header_read_timeout: Duration,
 }
 
 impl Api {
@@ -220,10 +246,12 @@ impl Api {
         }
         let listener = TcpListener::bind(state.config.http.bind).await?;
         let producer = state.producer.clone();
+        let header_read_timeout = state.config.http.header_read_timeout;
         Ok(Api {
             listener,
             router: router(state),
             producer,
+            header_read_timeout,
         })
     }
 
@@ -233,9 +261,7 @@ impl Api {
 
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> std::io::Result<()> {
         tracing::info!(addr = %self.local_addr(), "api listening");
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await?;
+        edge::serve(self.listener, self.router, self.header_read_timeout, shutdown).await;
         let producer = self.producer;
         tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10)))
             .await
@@ -244,5 +270,29 @@ impl Api {
             .inspect(|e| tracing::warn!(error = %e, "producer flush incomplete"));
         tracing::info!("api stopped");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_the_token_exact() {
+        for value in [
+            "Bearer s3cret",
+            "bearer s3cret",
+            "BEARER s3cret",
+            "bEaReR   s3cret",
+        ] {
+            assert_eq!(bearer_token(value), Some("s3cret"), "{value}");
+        }
+        for value in ["Basic s3cret", "Bearer", "Bearer ", "Bearers3cret", "s3cret"] {
+            assert_eq!(bearer_token(value), None, "{value}");
+        }
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
+        assert!(!constant_time_eq(b"s3cret", b"s3creT"));
+        assert!(!constant_time_eq(b"s3cret", b"s3cre"));
+        assert!(!constant_time_eq(b"", b"x"));
     }
 }

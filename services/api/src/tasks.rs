@@ -363,15 +363,7 @@ pub async fn delegate(
 ) -> Answer {
     let Json(request) = body?;
     let h = commands::header(&headers, "api", request.command_id)?;
-    if let (Some(task_id), None) = (&request.task_id, request.command_id) {
-        // A client-chosen id without a command id cannot be a retry of an accepted delegation.
-        if read("task_lookup", "the task", tasks::task(&state.pool, task_id))
-            .await?
-            .is_some()
-        {
-            return Err(conflict(format!("task {task_id} exists")));
-        }
-    }
+    let chosen = request.task_id.is_some();
     let task_id = request.task_id.unwrap_or_else(|| Uuid::now_v7().to_string());
     let command = TaskCommand::Delegate(DelegateTask {
         command_id: h.command_id,
@@ -387,6 +379,17 @@ pub async fn delegate(
         preferred_agent: request.preferred_agent,
         workflow_id: request.workflow_id.clone(),
     });
+    // Validated before any lookup: a view is never queried with what it cannot hold.
+    command.validate()?;
+    if chosen
+        && request.command_id.is_none()
+        && read("task_lookup", "the task", tasks::task(&state.pool, &task_id))
+            .await?
+            .is_some()
+    {
+        // A client-chosen id without a command id cannot be a retry of an accepted delegation.
+        return Err(conflict(format!("task {task_id} exists")));
+    }
     let ids = TaskIds {
         task_id: Some(task_id),
         workflow_id: request.workflow_id,
@@ -732,20 +735,7 @@ pub async fn define_template(
     let Json(request) = body?;
     let h = commands::header(&headers, "api", request.command_id)?;
     let version = request.version.unwrap_or(1);
-    if request.command_id.is_none()
-        && read(
-            "template",
-            "the template",
-            tasks::template(&state.pool, &request.name, Some(version)),
-        )
-        .await?
-        .is_some()
-    {
-        return Err(conflict(format!(
-            "workflow template {} version {version} exists",
-            request.name
-        )));
-    }
+    let name = request.name.clone();
     let command = TaskCommand::DefineTemplate(DefineWorkflowTemplate {
         command_id: h.command_id,
         actor: h.actor,
@@ -765,6 +755,22 @@ pub async fn define_template(
             })
             .collect(),
     });
+    // The steps form a runnable graph (or the answer is 422 naming the step) before any
+    // lookup and before the append: the orchestrator would only reject it later.
+    command.validate()?;
+    if request.command_id.is_none()
+        && read(
+            "template",
+            "the template",
+            tasks::template(&state.pool, &name, Some(version)),
+        )
+        .await?
+        .is_some()
+    {
+        return Err(conflict(format!(
+            "workflow template {name} version {version} exists"
+        )));
+    }
     commands::append_task(&state, command, h.tracestate.as_deref(), TaskIds::default()).await
 }
 
@@ -818,17 +824,7 @@ pub async fn start_workflow(
 ) -> Answer {
     let Json(request) = body?;
     let h = commands::header(&headers, "api", request.command_id)?;
-    if let (Some(workflow_id), None) = (&request.workflow_id, request.command_id)
-        && read(
-            "workflow",
-            "the workflow",
-            tasks::workflow(&state.pool, workflow_id),
-        )
-        .await?
-        .is_some()
-    {
-        return Err(conflict(format!("workflow {workflow_id} exists")));
-    }
+    let chosen = request.workflow_id.is_some();
     let workflow_id = request.workflow_id.unwrap_or_else(|| Uuid::now_v7().to_string());
     let command = TaskCommand::StartWorkflow(StartWorkflow {
         command_id: h.command_id,
@@ -841,6 +837,19 @@ pub async fn start_workflow(
         input_json: json_text(request.input, json!({})),
         priority: request.priority.unwrap_or(0),
     });
+    command.validate()?;
+    if chosen
+        && request.command_id.is_none()
+        && read(
+            "workflow",
+            "the workflow",
+            tasks::workflow(&state.pool, &workflow_id),
+        )
+        .await?
+        .is_some()
+    {
+        return Err(conflict(format!("workflow {workflow_id} exists")));
+    }
     let ids = TaskIds {
         workflow_id: Some(workflow_id),
         ..TaskIds::default()

@@ -167,14 +167,31 @@ pub struct RedisConfig {
     pub memory_ttl: Duration,
 }
 
+/// The HTTP edge. Every bound answers instead of holding a connection: a client that is too
+/// slow gets `408` (or its connection closed while it still sends headers), a request that
+/// runs too long `503 timeout`, a request beyond the concurrency limit `503 overloaded`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     pub bind: SocketAddr,
     /// Largest request body accepted; larger ones get 413.
     pub max_body_bytes: usize,
+    /// Longest a request may take, body read and answer included; longer ones get
+    /// `503 timeout`. Keep it above `kafka.delivery_timeout` and
+    /// `memory.read_your_writes_timeout` so that their own, more precise answers come first.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// How long a client may take to send a request's headers (from the first byte of a
+    /// request, or from the end of the previous answer on a kept-alive connection); the
+    /// connection is closed after it.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// How long a client may take to send a request's whole body; `408` after it.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// Most `/v1` requests served at once; the ones beyond get `503 overloaded` at once
+    /// (with `Retry-After`), never a queue.
+    pub max_concurrent_requests: usize,
     /// When set, every `/v1` request must carry `Authorization: Bearer <token>`.
     #[serde(default)]
     pub api_token: Option<Secret>,
@@ -234,7 +251,10 @@ impl Default for Config {
             http: HttpConfig {
                 bind: "127.0.0.1:8080".parse().expect("valid address"),
                 max_body_bytes: 256 * 1024,
-                request_timeout: Duration::from_secs(30),
+                request_timeout: Duration::from_secs(60),
+                header_read_timeout: Duration::from_secs(30),
+                body_read_timeout: Duration::from_secs(10),
+                max_concurrent_requests: 1024,
                 api_token: None,
             },
             projector: ProjectorConfig {
