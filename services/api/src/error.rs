@@ -81,11 +81,30 @@ impl ApiError {
     }
 }
 
+/// The body field a deserialization error is about (`expires_at`, `steps[2].timeout_ms`), when
+/// it is about one; `.` is the whole body.
+fn field_of(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(e) = e.downcast_ref::<serde_path_to_error::Error<serde_json::Error>>() {
+            let path = e.path().to_string();
+            return (path != ".").then_some(path);
+        }
+        cause = e.source();
+    }
+    None
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         match rejection {
             JsonRejection::JsonDataError(e) => {
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e.body_text())
+                let field = field_of(&e);
+                let error = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e.body_text());
+                match field {
+                    Some(field) => error.with_field(field),
+                    None => error,
+                }
             }
             JsonRejection::JsonSyntaxError(e) => {
                 ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.body_text())
