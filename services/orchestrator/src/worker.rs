@@ -10,14 +10,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use memos_kafka::client::base_config;
+use memos_kafka::client::{ReadsToEnd, base_config};
 use memos_kafka::dlq::{DeadLetter, letter_headers};
 use memos_runtime::Config;
 use memos_runtime::metrics as m;
 use memos_schemas::task::{TaskCommand, TaskEvent, TaskEventType, Tick};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage, Timestamp};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
@@ -328,7 +328,9 @@ impl<'a> Worker<'a> {
             .set("isolation.level", "read_committed")
             .set("enable.partition.eof", "true")
             .set("fetch.wait.max.ms", "10");
-        let consumer: BaseConsumer = config.create().context("create the catch-up reader")?;
+        let consumer: BaseConsumer<ReadsToEnd> = config
+            .create_with_context(ReadsToEnd)
+            .context("create the catch-up reader")?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&topic, partition, Offset::Offset(from))?;
         consumer.assign(&tpl).context("assign the catch-up reader")?;
@@ -468,13 +470,8 @@ impl<'a> Worker<'a> {
         self.tally = Tally::default();
         let mut next_offsets: BTreeMap<i32, i64> = BTreeMap::new();
         for message in &batch {
-            let p = message.partition();
-            let time = message.timestamp().to_millis().unwrap_or(0);
-            let clock = self.clocks.entry(p).or_insert(time);
-            *clock = (*clock).max(time);
-            let now = *clock;
-            next_offsets.insert(p, message.offset() + 1);
-            self.decide_record(message, now)?;
+            next_offsets.insert(message.partition(), message.offset() + 1);
+            self.decide_record(message)?;
         }
         let to_reconcile: BTreeSet<i32> = if foreign > 0 {
             self.owned.keys().copied().collect()
@@ -543,12 +540,19 @@ impl<'a> Worker<'a> {
         Ok(())
     }
 
-    fn decide_record(&mut self, message: &OwnedMessage, now: i64) -> anyhow::Result<()> {
+    fn decide_record(&mut self, message: &OwnedMessage) -> anyhow::Result<()> {
         let p = message.partition();
         let command = match message.payload().map(TaskCommand::decode_unvalidated) {
             Some(Ok(command)) => command,
             Some(Err(e)) => return self.dead_letter(message, e.class(), &e.to_string()),
             None => return self.dead_letter(message, "not_avro", "empty record"),
+        };
+        // Only a command moves the clock: a record that is dead-lettered decides nothing.
+        let now = {
+            let time = trusted_time(message);
+            let clock = self.clocks.entry(p).or_insert(time);
+            *clock = (*clock).max(time);
+            *clock
         };
         let type_name = command.type_name();
         if matches!(command, TaskCommand::Tick(_)) {
@@ -727,6 +731,20 @@ fn register_series() {
         TaskEventType::CommandRejected,
     ] {
         metrics::counter!(m::ORCHESTRATOR_EVENTS, "type" => kind.as_str()).increment(0);
+    }
+}
+
+/// The time a command happened at, as far as the orchestrator may trust it: timeouts and
+/// liveness are decided by it, so a producer must not be able to move it. The command topics
+/// are created with `message.timestamp.type=LogAppendTime`, and then the broker stamps every
+/// record as it appends it. On a topic left at `CreateTime` the timestamp is the producer's
+/// claim: it is bounded by this host's clock, so a forged future time moves no clock past
+/// now (a forged past time never moves it back: the clock only advances).
+fn trusted_time(message: &OwnedMessage) -> i64 {
+    match message.timestamp() {
+        Timestamp::LogAppendTime(t) => t,
+        Timestamp::CreateTime(t) => t.min(chrono_millis()),
+        Timestamp::NotAvailable => chrono_millis(),
     }
 }
 
