@@ -1,5 +1,6 @@
 //! End-to-end suites against the real stack, compiled into one test binary.
 
+mod adversarial;
 mod crash;
 mod dead_letters;
 mod dlq_cli;
