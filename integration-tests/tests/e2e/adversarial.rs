@@ -458,8 +458,11 @@ fn hostile_request(
     }
 }
 
-/// One hostile record for the memory command topic: key and value (`None` is a Kafka null).
-fn hostile_memory_record(rng: &mut Rng, agent: &str) -> anyhow::Result<(Option<Vec<u8>>, Option<Vec<u8>>)> {
+/// A record's key and value; `None` is a Kafka null.
+type Record = (Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// One hostile record for the memory command topic.
+fn hostile_memory_record(rng: &mut Rng, agent: &str) -> anyhow::Result<Record> {
     let key = Some(agent.as_bytes().to_vec());
     let valid = || MemoryCommand::Write(write_command(&mut Rng(7), agent));
     Ok(match rng.below(9) {
