@@ -4,6 +4,7 @@ mod adversarial;
 mod crash;
 mod dead_letters;
 mod dlq_cli;
+mod foreign_producers;
 mod hot_views;
 mod memory_path;
 mod memory_pipeline;
