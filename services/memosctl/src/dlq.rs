@@ -69,7 +69,7 @@ pub enum DlqCommand {
         /// Only the N most recent letters (after --class).
         #[arg(long, value_name = "N")]
         limit: Option<usize>,
-        /// Only letters of this error class (`not_avro`, `unknown_schema`, `malformed`, `invalid`, `empty`).
+        /// Only letters of this error class (`not_avro`, `unknown_schema`, `malformed`, `invalid`, `empty`, `unstorable`).
         #[arg(long, value_name = "C")]
         class: Option<String>,
         /// One JSON object per line (full error message) instead of a table.
@@ -833,8 +833,14 @@ async fn redrive(
     let producer = if options.dry_run {
         None
     } else {
-        // Originals may be as large as a command topic allows, more than librdkafka's default.
-        let max = memos_kafka::admin::dead_letter_max_bytes(&config.topics);
+        // Originals may be as large as their topic allowed, more than librdkafka's default.
+        let largest = letters
+            .iter()
+            .map(|l| l.original_key().map_or(0, <[u8]>::len) + l.original_payload().map_or(0, <[u8]>::len))
+            .max()
+            .unwrap_or(0);
+        let max = memos_kafka::admin::dead_letter_max_bytes(&config.topics)
+            .max(largest + memos_kafka::dlq::LETTER_OVERHEAD_BYTES);
         Some(CommandProducer::with_max_message_bytes(&config.kafka, Some(max))?)
     };
     let (mut redriven, mut skipped) = (0usize, 0usize);

@@ -37,7 +37,10 @@ fn config(env: &TestEnv) -> Config {
 }
 
 /// The migrated views of `env`'s database, and its dead-letter topic.
-async fn prepare_stack(env: &TestEnv, config: &Config) -> anyhow::Result<(PgPool, HotViews, CommandProducer)> {
+async fn prepare_stack(
+    env: &TestEnv,
+    config: &Config,
+) -> anyhow::Result<(PgPool, HotViews, CommandProducer)> {
     let pool = memos_postgres::connect(&config.postgres).await?;
     memos_postgres::migrate(&pool).await?;
     ensure_topics(
@@ -129,9 +132,7 @@ fn crafted(partition: i32, offset: i64, command: MemoryCommand) -> (Record, Deci
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_errors_are_classified_by_sqlstate() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
-    let raise = |code: &str| {
-        format!("DO $$ BEGIN RAISE EXCEPTION 'test' USING ERRCODE = '{code}'; END $$")
-    };
+    let raise = |code: &str| format!("DO $$ BEGIN RAISE EXCEPTION 'test' USING ERRCODE = '{code}'; END $$");
     for (code, expected) in [
         ("22008", Failure::Record),
         ("22P05", Failure::Record),
@@ -201,7 +202,10 @@ async fn refused_memory_commands_are_isolated_and_the_rest_applied_in_order() ->
         },
     };
     let id = |n: u8| format!("00000000-0000-4000-8000-0000000000{n:02}");
-    let far = Utc.with_ymd_and_hms(200_000, 1, 1, 0, 0, 0).unwrap().timestamp_millis();
+    let far = Utc
+        .with_ymd_and_hms(200_000, 1, 1, 0, 0, 0)
+        .unwrap()
+        .timestamp_millis();
     let mut too_far = write("agent-a", &id(1), "expires in year 200000");
     too_far.expires_at = Some(far);
     let mut nul_tag = write("agent-b", &id(11), "a tag with NUL");
@@ -231,7 +235,11 @@ async fn refused_memory_commands_are_isolated_and_the_rest_applied_in_order() ->
         crafted(1, 1, MemoryCommand::Write(nul_tag)),
         crafted(0, 2, MemoryCommand::Write(write("agent-a", &id(2), "third"))),
         crafted(1, 2, MemoryCommand::Write(write("agent-b", &id(12), "b third"))),
-        crafted(0, 3, MemoryCommand::Write(write("agent-a", &id(3), "NUL \u{0} inside"))),
+        crafted(
+            0,
+            3,
+            MemoryCommand::Write(write("agent-a", &id(3), "NUL \u{0} inside")),
+        ),
         crafted(0, 4, MemoryCommand::Update(update)),
         crafted(0, 5, MemoryCommand::Write(write("agent-a", &id(5), "last"))),
     ];
@@ -242,7 +250,9 @@ async fn refused_memory_commands_are_isolated_and_the_rest_applied_in_order() ->
         next_offsets: BTreeMap::from([(0, 6), (1, 3)]),
     };
     // Without isolation, the batch is refused as a whole (the outage of the finding).
-    let whole = batch::apply(&sinks, &prepared).await.expect_err("refused as a whole");
+    let whole = batch::apply(&sinks, &prepared)
+        .await
+        .expect_err("refused as a whole");
     assert_eq!(classify(&whole), Failure::Record, "{whole}");
 
     let groups = batch::split(prepared, 2);
@@ -251,7 +261,11 @@ async fn refused_memory_commands_are_isolated_and_the_rest_applied_in_order() ->
     let mut sorted = poisoned.clone();
     sorted.sort();
     assert_eq!(sorted, vec![(0, 1), (0, 3), (1, 1)]);
-    assert!(done.poisoned.iter().all(|p| p.sqlstate.as_deref().is_some_and(|c| c.starts_with("22"))));
+    assert!(
+        done.poisoned
+            .iter()
+            .all(|p| p.sqlstate.as_deref().is_some_and(|c| c.starts_with("22")))
+    );
     assert_eq!(done.outcome.applied, 6);
 
     let rows: Vec<(String, String, i64)> =
@@ -346,18 +360,26 @@ async fn a_task_event_postgres_refuses_is_isolated_and_the_rest_applied() -> any
     let done = task_batch::apply_isolating(&sinks, &records, &prepared).await?;
     assert_eq!(done.poisoned.len(), 1);
     assert_eq!((done.poisoned[0].partition, done.poisoned[0].offset), (0, 1));
-    assert!(done.poisoned[0].reason.starts_with("SQLSTATE 22"), "{}", done.poisoned[0].reason);
+    assert!(
+        done.poisoned[0].reason.starts_with("SQLSTATE 22"),
+        "{}",
+        done.poisoned[0].reason
+    );
     let tasks: Vec<(String,)> = sqlx::query_as("SELECT task_id FROM tasks ORDER BY task_id")
         .fetch_all(&pool)
         .await?;
     assert_eq!(tasks, vec![("t0".to_owned(),), ("t2".to_owned(),)]);
-    let (next,): (i64,) = sqlx::query_as("SELECT next_offset FROM projection_offsets WHERE projection = 'tasks'")
-        .fetch_one(&pool)
-        .await?;
+    let (next,): (i64,) =
+        sqlx::query_as("SELECT next_offset FROM projection_offsets WHERE projection = 'tasks'")
+            .fetch_one(&pool)
+            .await?;
     assert_eq!(next, 3);
     let letters = read_letters(&env, 1)?;
     assert_eq!(letters.len(), 1, "{letters:?}");
-    assert_eq!((letters[0].0, letters[0].1, letters[0].2.as_str()), (0, 1, "unstorable"));
+    assert_eq!(
+        (letters[0].0, letters[0].1, letters[0].2.as_str()),
+        (0, 1, "unstorable")
+    );
     pool.close().await;
     env.cleanup().await;
     Ok(())
