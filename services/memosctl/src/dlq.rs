@@ -138,6 +138,9 @@ fn parse_id(text: &str) -> anyhow::Result<(i32, i64)> {
     Ok((partition, offset))
 }
 
+/// A record's key and value, `None` being a Kafka null.
+type Original = (Option<Vec<u8>>, Option<Vec<u8>>);
+
 /// One record of the dead-letter topic.
 struct Letter {
     partition: i32,
@@ -148,7 +151,7 @@ struct Letter {
     payload: Option<Vec<u8>>,
     headers: Vec<(String, Option<Vec<u8>>)>,
     /// A reference's original (key, value), once read from its origin by [`resolve`].
-    original: Option<(Option<Vec<u8>>, Option<Vec<u8>>)>,
+    original: Option<Original>,
 }
 
 impl Letter {

@@ -226,10 +226,10 @@ mod tests {
         next
     }
 
-    fn run(
-        store: &Store,
-        items: &[Item],
-    ) -> Result<(Isolated<Vec<(i32, i64)>>, Vec<(i32, i64)>), ApplyError> {
+    /// Positions, in the order they were applied or dead-lettered.
+    type Positions = Vec<(i32, i64)>;
+
+    fn run(store: &Store, items: &[Item]) -> Result<(Isolated<Positions>, Positions), ApplyError> {
         let letters = RefCell::new(Vec::new());
         let offsets = all_offsets(items);
         let done = futures::executor::block_on(apply_isolating(
