@@ -10,6 +10,7 @@ mod memory_path;
 mod memory_pipeline;
 mod observability;
 mod orchestrator;
+mod poison;
 mod prometheus;
 mod replay;
 mod replay_tasks;
