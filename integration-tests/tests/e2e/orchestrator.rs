@@ -552,6 +552,90 @@ async fn forged_record_times_move_no_clock() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Records as large as the command topic accepts: garbage (its dead letter with headers is
+/// larger than the record) and a valid delegation whose events could not fit the events
+/// topic. Both are dead-lettered, the command after them is decided, and the orchestrator
+/// never restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_that_fill_the_topic_are_dead_lettered_and_the_partition_flows() -> anyhow::Result<()> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let env = TestEnv::new().await?;
+    let orchestrator = orchestrator(&env, "one", "60s").await?;
+    let producer: FutureProducer = env.kafka_config().set("message.max.bytes", "1100000").create()?;
+    let key = "big-key";
+    let mut big = TaskClient::delegate_command("big", "work", 1, 1000);
+    big.workflow_id = Some(key.into());
+    big.payload_json = serde_json::to_string(&json!({"text": "x".repeat(1_040_000)}))?;
+    let mut after = TaskClient::delegate_command("after-the-big-ones", "work", 1, 1000);
+    after.workflow_id = Some(key.into());
+    let mut offsets = Vec::new();
+    for payload in [
+        vec![0xAB; 1_020_000],
+        TaskCommand::Delegate(big).encode()?,
+        TaskCommand::Delegate(after).encode()?,
+    ] {
+        let delivered = producer
+            .send(
+                FutureRecord::to(&env.task_commands_topic)
+                    .key(key)
+                    .payload(&payload),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+        offsets.push(delivered.offset);
+    }
+    let log = read(
+        EventLog::new(&env)?,
+        env.task_events_topic.clone(),
+        "the command after the big ones accepted",
+        |e| has(e, E::TaskAccepted, "after-the-big-ones"),
+    )
+    .await?;
+    assert_eq!(log.per_task(E::TaskAccepted).get("big"), None);
+
+    let consumer: BaseConsumer = env
+        .kafka_config()
+        .set("group.id", format!("{}-dlq", env.orchestrator_group_id))
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .create()?;
+    consumer.subscribe(&[env.dead_letter_topic.as_str()])?;
+    let mut letters = BTreeMap::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    while letters.len() < 2 && std::time::Instant::now() < deadline {
+        if let Some(message) = consumer.poll(Duration::from_millis(200)) {
+            let message = message?;
+            let header = |name: &str| {
+                message
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == name).and_then(|h| h.value))
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default()
+            };
+            letters.insert(
+                header("memos-dlq-origin-offset").parse::<i64>()?,
+                (
+                    header("memos-dlq-error-class"),
+                    message.payload().map(<[u8]>::len),
+                ),
+            );
+        }
+    }
+    assert_eq!(letters.get(&offsets[0]).map(|l| l.0.as_str()), Some("not_avro"));
+    assert_eq!(letters.get(&offsets[1]).map(|l| l.0.as_str()), Some("too_large"));
+    assert!(
+        !orchestrator.log_text().contains("restarting"),
+        "{}",
+        orchestrator.log_text()
+    );
+    env.cleanup().await;
+    Ok(())
+}
+
 /// Redis keeps the first 100 items of an inbox; an agent holding more gets its whole inbox
 /// from PostgreSQL through the API.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

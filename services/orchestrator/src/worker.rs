@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use memos_kafka::admin::dead_letter_max_bytes;
 use memos_kafka::client::{ReadsToEnd, base_config};
-use memos_kafka::dlq::{DeadLetter, letter_headers};
+use memos_kafka::dlq::{self, DeadLetter, LETTER_OVERHEAD_BYTES};
 use memos_runtime::Config;
 use memos_runtime::metrics as m;
 use memos_schemas::task::{TaskCommand, TaskEvent, TaskEventType, Tick};
@@ -246,7 +247,12 @@ impl<'a> Worker<'a> {
             // The coordinator answers CONCURRENT_TRANSACTIONS while it still writes the
             // previous commit's markers; librdkafka's default 100 ms retry backoff would then
             // be added to every other transaction.
-            .set("retry.backoff.ms", "5");
+            .set("retry.backoff.ms", "5")
+            // Dead letters may be as large as the dead-letter topic accepts (see `dead_letter`).
+            .set(
+                "message.max.bytes",
+                dead_letter_max_bytes(&config.topics).to_string(),
+            );
         for (key, value) in &config.kafka.properties {
             producer.set(key, value);
         }
@@ -542,6 +548,22 @@ impl<'a> Worker<'a> {
 
     fn decide_record(&mut self, message: &OwnedMessage) -> anyhow::Result<()> {
         let p = message.partition();
+        // The events of a command carry its payload (accepted, assigned) or result
+        // (completed): a command that fills the topic's limit would make events the broker
+        // refuses, and the transaction would be retried forever. It is refused before it
+        // decides anything.
+        let size = message.payload().map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len);
+        let budget = self
+            .config
+            .topics
+            .max_message_bytes
+            .saturating_sub(LETTER_OVERHEAD_BYTES);
+        if size > budget {
+            let reason = format!(
+                "a task command of {size} bytes: its events would not fit the events topic (commands up to {budget} bytes)"
+            );
+            return self.dead_letter(message, "too_large", &reason);
+        }
         let command = match message.payload().map(TaskCommand::decode_unvalidated) {
             Some(Ok(command)) => command,
             Some(Err(e)) => return self.dead_letter(message, e.class(), &e.to_string()),
@@ -597,20 +619,26 @@ impl<'a> Worker<'a> {
             error_class: class,
             error_message: reason,
         };
-        let headers = letter_headers(&letter)
-            .into_iter()
+        // A copy of the original (key and value exactly, nulls kept) when it fits the
+        // dead-letter topic, else a reference to it: a letter is never refused for its size,
+        // which would abort every retry of this transaction.
+        let composed = dlq::compose(&letter, dead_letter_max_bytes(&self.config.topics));
+        let headers = composed
+            .headers
+            .iter()
             .fold(OwnedHeaders::new(), |h, (key, value)| {
                 h.insert(Header {
                     key,
                     value: Some(value.as_bytes()),
                 })
             });
-        let key = message.key().unwrap_or_default();
-        let payload = message.payload().unwrap_or_default();
-        let record = BaseRecord::to(&self.config.topics.dead_letter)
-            .key(key)
-            .payload(payload)
-            .headers(headers);
+        let mut record = BaseRecord::<[u8], [u8]>::to(&self.config.topics.dead_letter).headers(headers);
+        if let Some(key) = &composed.key {
+            record = record.key(key.as_slice());
+        }
+        if let Some(payload) = &composed.payload {
+            record = record.payload(payload.as_slice());
+        }
         send(&self.producer, record)
     }
 
