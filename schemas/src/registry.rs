@@ -2,6 +2,11 @@
 //! command. A record written with any released version resolves (Avro schema resolution) to
 //! the current reader schema; a fingerprint that is not here is an unknown schema, never a
 //! guess.
+//!
+//! Each released version is found under its fingerprint as the Avro specification defines it
+//! (what this build writes, and what any Avro client computes) and, for the versions released
+//! before memOS followed the spec, also under the fingerprint memOS framed them with then
+//! ([`LEGACY_FINGERPRINTS`]), so records already on the topics stay readable.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -10,7 +15,7 @@ use apache_avro::Schema;
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::writer::datum::GenericDatumWriter;
 
-use crate::fingerprint::schema_fingerprint;
+use crate::fingerprint;
 use crate::single_object::{self, FramingError};
 
 /// The commands that memOS topics carry, one Avro record type each.
@@ -170,18 +175,48 @@ const fn released(kind: CommandKind, version: u32, json: &'static str) -> Releas
     Released { kind, version, json }
 }
 
+/// The fingerprints memOS framed records with before it computed the Parsing Canonical Form
+/// itself: CRC-64-AVRO of apache-avro 0.22's `canonical_form()`, which keeps logical types
+/// (see [`crate::fingerprint`]). Records carrying them are on the topics for good, so these
+/// stay readable. A closed list of history, never computed: versions released after the fix
+/// were only ever written with the spec's fingerprint.
+pub const LEGACY_FINGERPRINTS: &[(CommandKind, u32, u64)] = &[
+    (CommandKind::WriteMemory, 1, 0xebd3_deaf_3654_c364),
+    (CommandKind::WriteMemory, 2, 0xcc5f_21fc_11ee_d860),
+    (CommandKind::UpdateMemory, 1, 0x9352_996a_22af_b595),
+    (CommandKind::ForgetMemory, 1, 0x6949_5155_4f5f_a9e6),
+    (CommandKind::ShareMemory, 1, 0x9dee_bf76_415b_c038),
+    (CommandKind::RevokeShare, 1, 0xa290_07d0_417e_f88c),
+    (CommandKind::RegisterTool, 1, 0x0d1a_15b7_c7f0_3f51),
+    (CommandKind::RegisterAgent, 1, 0x85eb_d24a_47ad_c5d9),
+    (CommandKind::AgentHeartbeat, 1, 0xf34f_b620_942c_f13e),
+    (CommandKind::DeregisterAgent, 1, 0xb058_df80_df4b_4342),
+    (CommandKind::DelegateTask, 1, 0xfa07_481d_bafa_f21c),
+    (CommandKind::StartTask, 1, 0x1ee5_f0b7_0027_8d06),
+    (CommandKind::CompleteTask, 1, 0x77e0_4ee8_7c38_2813),
+    (CommandKind::FailTask, 1, 0xbbfe_04d2_732a_4dde),
+    (CommandKind::CancelTask, 1, 0xd83c_b8fc_06c8_837b),
+    (CommandKind::DefineWorkflowTemplate, 1, 0x0106_0a23_fbaa_767e),
+    (CommandKind::StartWorkflow, 1, 0x64bc_5474_5dbe_77ee),
+    (CommandKind::Tick, 1, 0x2150_ab4e_5b99_f189),
+    (CommandKind::TaskEvent, 1, 0xfd44_f37e_1c0d_f662),
+];
+
 /// A parsed released schema.
 pub struct Entry {
     pub kind: CommandKind,
     pub version: u32,
+    /// The spec's fingerprint: what this build frames records of this version with.
     pub fingerprint: u64,
     pub schema: Schema,
 }
 
-/// Released schemas by fingerprint, plus the newest (reader) version of each kind.
+/// Released schemas by fingerprint (spec and legacy), plus the newest (reader) version of
+/// each kind.
 pub struct Registry {
-    by_fingerprint: HashMap<u64, Entry>,
-    current: HashMap<CommandKind, u64>,
+    entries: Vec<Entry>,
+    by_fingerprint: HashMap<u64, usize>,
+    current: HashMap<CommandKind, usize>,
 }
 
 /// Why a record could not be turned into a command.
@@ -215,11 +250,14 @@ impl DecodeError {
     }
 }
 
-/// The registry compiled from [`RELEASED`].
+/// The registry compiled from [`RELEASED`] and [`LEGACY_FINGERPRINTS`].
 pub fn registry() -> &'static Registry {
     static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
-        let mut by_fingerprint = HashMap::new();
-        let mut current: HashMap<CommandKind, (u32, u64)> = HashMap::new();
+        let mut registry = Registry {
+            entries: Vec::with_capacity(RELEASED.len()),
+            by_fingerprint: HashMap::new(),
+            current: HashMap::new(),
+        };
         for released in RELEASED {
             let schema = Schema::parse_str(released.json).unwrap_or_else(|e| {
                 panic!(
@@ -227,38 +265,60 @@ pub fn registry() -> &'static Registry {
                     released.kind, released.version
                 )
             });
-            let fingerprint = schema_fingerprint(&schema);
-            let newest = current.entry(released.kind).or_insert((0, fingerprint));
-            if released.version >= newest.0 {
-                *newest = (released.version, fingerprint);
-            }
-            by_fingerprint.insert(
+            let fingerprint = fingerprint::fingerprint(released.json)
+                .unwrap_or_else(|e| panic!("released schema {:?} v{}: {e}", released.kind, released.version));
+            let index = registry.entries.len();
+            registry.entries.push(Entry {
+                kind: released.kind,
+                version: released.version,
                 fingerprint,
-                Entry {
-                    kind: released.kind,
-                    version: released.version,
-                    fingerprint,
-                    schema,
-                },
-            );
+                schema,
+            });
+            registry.index(fingerprint, index);
+            let newest = registry.current.entry(released.kind).or_insert(index);
+            if released.version >= registry.entries[*newest].version {
+                *newest = index;
+            }
         }
-        Registry {
-            by_fingerprint,
-            current: current.into_iter().map(|(k, (_, fp))| (k, fp)).collect(),
+        for &(kind, version, legacy) in LEGACY_FINGERPRINTS {
+            let index = registry
+                .entries
+                .iter()
+                .position(|e| e.kind == kind && e.version == version)
+                .unwrap_or_else(|| {
+                    panic!("legacy fingerprint of {kind:?} v{version}, which is not released")
+                });
+            registry.index(legacy, index);
         }
+        registry
     });
     &REGISTRY
 }
 
 impl Registry {
-    /// The released schema with this fingerprint.
+    /// Files entry `index` under `fingerprint`. Two schemas under one fingerprint would make
+    /// a record's writer schema ambiguous, so that refuses to build.
+    fn index(&mut self, fingerprint: u64, index: usize) {
+        if let Some(&other) = self.by_fingerprint.get(&fingerprint)
+            && other != index
+        {
+            let (a, b) = (&self.entries[other], &self.entries[index]);
+            panic!(
+                "{:?} v{} and {:?} v{} share the fingerprint {fingerprint:#018x}",
+                a.kind, a.version, b.kind, b.version
+            );
+        }
+        self.by_fingerprint.insert(fingerprint, index);
+    }
+
+    /// The released schema with this fingerprint (the spec's, or a legacy one).
     pub fn get(&self, fingerprint: u64) -> Option<&Entry> {
-        self.by_fingerprint.get(&fingerprint)
+        self.by_fingerprint.get(&fingerprint).map(|&i| &self.entries[i])
     }
 
     /// The newest released version of `kind`: what this build writes and reads into.
     pub fn current(&self, kind: CommandKind) -> &Entry {
-        &self.by_fingerprint[&self.current[&kind]]
+        &self.entries[self.current[&kind]]
     }
 
     /// Frames `value` with the current schema of `kind`.
@@ -309,6 +369,11 @@ mod tests {
     use apache_avro::schema_compatibility::SchemaCompatibility;
 
     use super::*;
+    use crate::fingerprint::crc64_avro;
+
+    fn spec_fingerprint(released: &Released) -> u64 {
+        fingerprint::fingerprint(released.json).unwrap()
+    }
 
     /// Each released version reads, and is read by, every other version of its command
     /// (full compatibility, checked by Avro's own resolution rules).
@@ -317,14 +382,8 @@ mod tests {
         let registry = registry();
         for a in RELEASED {
             for b in RELEASED.iter().filter(|b| b.kind == a.kind) {
-                let writer = &registry
-                    .get(schema_fingerprint(&Schema::parse_str(a.json).unwrap()))
-                    .unwrap()
-                    .schema;
-                let reader = &registry
-                    .get(schema_fingerprint(&Schema::parse_str(b.json).unwrap()))
-                    .unwrap()
-                    .schema;
+                let writer = &registry.get(spec_fingerprint(a)).unwrap().schema;
+                let reader = &registry.get(spec_fingerprint(b)).unwrap().schema;
                 SchemaCompatibility::mutual_read(writer, reader).unwrap_or_else(|e| {
                     panic!(
                         "{:?} v{} and v{} are not compatible: {e}",
@@ -338,14 +397,89 @@ mod tests {
     #[test]
     fn fingerprints_are_unique_and_names_match_kinds() {
         let registry = registry();
+        assert_eq!(registry.entries.len(), RELEASED.len());
+        // Every schema has a logical type, so each legacy fingerprint differs from the
+        // spec's and both are filed; `Registry::index` refuses any collision.
         assert_eq!(
             registry.by_fingerprint.len(),
-            RELEASED.len(),
-            "a schema was released twice"
+            RELEASED.len() + LEGACY_FINGERPRINTS.len()
         );
-        for entry in registry.by_fingerprint.values() {
+        for entry in &registry.entries {
             let name = entry.schema.name().map(|n| n.fullname(None)).unwrap_or_default();
             assert_eq!(name, entry.kind.full_name());
+        }
+    }
+
+    /// What this build writes: the spec's fingerprint (fastavro and Java Avro compute
+    /// 0x72aaf545c1741940 for WriteMemory v2), never the legacy one.
+    #[test]
+    fn new_records_are_framed_with_the_spec_fingerprint() {
+        let registry = registry();
+        assert_eq!(registry.current(CommandKind::WriteMemory).version, 2);
+        assert_eq!(
+            registry.current(CommandKind::WriteMemory).fingerprint,
+            0x72aa_f545_c174_1940
+        );
+        let bytes = registry.encode(CommandKind::Tick, &tick()).unwrap();
+        let (framed_with, _) = single_object::decode(&bytes).unwrap();
+        assert_eq!(framed_with, 0x26c4_d5ae_1f4a_a3c0, "Tick v1 by fastavro and Java");
+    }
+
+    /// The legacy list is what memOS wrote before: CRC-64-AVRO of apache-avro 0.22's
+    /// `canonical_form()`. Should a later apache-avro change that form, this check goes, not
+    /// the constants: they are what the topics hold.
+    #[test]
+    fn legacy_fingerprints_are_what_apache_avro_0_22_framed_with() {
+        for &(kind, version, legacy) in LEGACY_FINGERPRINTS {
+            let released = RELEASED
+                .iter()
+                .find(|r| (r.kind, r.version) == (kind, version))
+                .unwrap();
+            let form = Schema::parse_str(released.json).unwrap().canonical_form();
+            assert_eq!(crc64_avro(form.as_bytes()), legacy, "{kind:?} v{version}");
+        }
+    }
+
+    /// A record framed with a legacy fingerprint decodes exactly like the same body framed
+    /// with the spec's, and every legacy fingerprint names its own version.
+    #[test]
+    fn records_framed_with_a_legacy_fingerprint_stay_readable() {
+        let registry = registry();
+        for &(kind, version, legacy) in LEGACY_FINGERPRINTS {
+            let entry = registry.get(legacy).unwrap();
+            assert_eq!((entry.kind, entry.version), (kind, version));
+        }
+        let framed = registry.encode(CommandKind::Tick, &tick()).unwrap();
+        let legacy = LEGACY_FINGERPRINTS
+            .iter()
+            .find(|(kind, _, _)| *kind == CommandKind::Tick)
+            .unwrap()
+            .2;
+        let old = single_object::encode(legacy, &framed[single_object::HEADER_LEN..]);
+        assert_ne!(old, framed);
+        assert_eq!(
+            registry.decode_value(&old).unwrap(),
+            registry.decode_value(&framed).unwrap()
+        );
+    }
+
+    /// Tick v1 as a plain serde value, so this test does not lean on the command types.
+    #[derive(serde::Serialize)]
+    struct Tick {
+        command_id: String,
+        actor: String,
+        issued_at: i64,
+        traceparent: Option<String>,
+        partition: i32,
+    }
+
+    fn tick() -> Tick {
+        Tick {
+            command_id: "c-1".into(),
+            actor: "orchestrator".into(),
+            issued_at: 1_790_000_000_123,
+            traceparent: None,
+            partition: 2,
         }
     }
 }

@@ -18,3 +18,12 @@ pub const DLQ_ERROR_CLASS: &str = "memos-dlq-error-class";
 pub const DLQ_ERROR_MESSAGE: &str = "memos-dlq-error-message";
 /// When the record was dead-lettered, RFC 3339.
 pub const DLQ_TIME: &str = "memos-dlq-time";
+/// How a dead letter holds the original: `copy` (key and value are the original's; also
+/// when absent) or `reference` (null key and value; the original stays at its origin).
+pub const DLQ_FORM: &str = "memos-dlq-form";
+/// On a reference: the original value's size in bytes and lower-case hex SHA-256 (absent
+/// when the original value is null), and the same for its key.
+pub const DLQ_ORIGIN_SIZE: &str = "memos-dlq-origin-size";
+pub const DLQ_ORIGIN_SHA256: &str = "memos-dlq-origin-sha256";
+pub const DLQ_ORIGIN_KEY_SIZE: &str = "memos-dlq-origin-key-size";
+pub const DLQ_ORIGIN_KEY_SHA256: &str = "memos-dlq-origin-key-sha256";

@@ -38,7 +38,21 @@ pub struct CommandProducer {
 
 impl CommandProducer {
     pub fn new(kafka: &KafkaConfig) -> anyhow::Result<Self> {
+        Self::with_max_message_bytes(kafka, None)
+    }
+
+    /// A producer whose records may be up to `max_message_bytes` (librdkafka
+    /// `message.max.bytes`; its default is 1,000,000): the dead-letter producer is given the
+    /// dead-letter topic's limit ([`crate::admin::dead_letter_max_bytes`]) so that a copy the
+    /// topic accepts is not refused locally first. Raw properties still win.
+    pub fn with_max_message_bytes(
+        kafka: &KafkaConfig,
+        max_message_bytes: Option<usize>,
+    ) -> anyhow::Result<Self> {
         let mut config = base_config(kafka, "producer");
+        if let Some(max) = max_message_bytes {
+            config.set("message.max.bytes", max.to_string());
+        }
         config
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -64,13 +78,33 @@ impl CommandProducer {
         payload: &[u8],
         headers: &[(&str, &str)],
     ) -> Result<Delivered, ProduceError> {
+        self.send_bytes(topic, Some(key.as_bytes()), Some(payload), headers)
+            .await
+    }
+
+    /// [`send`](Self::send) with raw key and value bytes, `None` being a Kafka null (a dead
+    /// letter keeps the original's nulls).
+    pub async fn send_bytes(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: &[(&str, &str)],
+    ) -> Result<Delivered, ProduceError> {
         let headers = headers.iter().fold(OwnedHeaders::new(), |h, (key, value)| {
             h.insert(Header {
                 key,
                 value: Some(value.as_bytes()),
             })
         });
-        let record = FutureRecord::to(topic).key(key).payload(payload).headers(headers);
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
+        let payload_len = payload.map_or(0, <[u8]>::len);
         let start = Instant::now();
         let sent = self.inner.send(record, Timeout::Never);
         metrics::gauge!(m::PRODUCER_QUEUE).set(f64::from(self.inner.in_flight_count()));
@@ -82,7 +116,7 @@ impl CommandProducer {
                 metrics::histogram!(m::PRODUCER_SECONDS, "topic" => topic.clone())
                     .record(start.elapsed().as_secs_f64());
                 metrics::counter!(m::PRODUCER_RECORDS, "topic" => topic.clone()).increment(1);
-                metrics::counter!(m::PRODUCER_BYTES, "topic" => topic).increment(payload.len() as u64);
+                metrics::counter!(m::PRODUCER_BYTES, "topic" => topic).increment(payload_len as u64);
                 Ok(Delivered {
                     partition: delivery.partition,
                     offset: delivery.offset,

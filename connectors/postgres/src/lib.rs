@@ -2,6 +2,7 @@
 //! views and the task views (batch apply and queries).
 //!
 //! - [`pool`]: connect and migrate (sqlx migrations in `connectors/postgres/migrations`).
+//! - [`errors`]: whether a failure is transient (retry) or caused by a value (isolate).
 //! - [`offsets`]: the next offset per projection and partition.
 //! - [`memories`]: the view rows, loading a batch's state and writing its decisions.
 //! - [`queries`]: what the API reads, always within what the asking agent may read.
@@ -11,6 +12,7 @@
 
 pub mod bulk;
 pub mod compare;
+pub mod errors;
 pub mod memories;
 pub mod offsets;
 pub mod pool;

@@ -1,14 +1,17 @@
 //! End-to-end suites against the real stack, compiled into one test binary.
 
+mod adversarial;
 mod crash;
 mod dead_letters;
 mod dlq_cli;
+mod foreign_producers;
 mod hostile_http;
 mod hot_views;
 mod memory_path;
 mod memory_pipeline;
 mod observability;
 mod orchestrator;
+mod poison;
 mod prometheus;
 mod replay;
 mod replay_tasks;

@@ -54,7 +54,7 @@ async fn read_end(mut log: EventLog, topic: String) -> anyhow::Result<EventLog> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waits_for_an_agent_then_runs_a_workflow_dag() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
-    let _orchestrator = orchestrator(&env, "one", "60s").await?;
+    let orchestrator = orchestrator(&env, "one", "60s").await?;
     let client = TaskClient::new(&env)?;
     let topic = env.task_events_topic.clone();
 
@@ -179,6 +179,13 @@ async fn waits_for_an_agent_then_runs_a_workflow_dag() -> anyhow::Result<()> {
         data["results"],
         json!({"fetch": "page", "digest": "short", "publish": "ok"})
     );
+    // A normal run logs no error: reaching the end of a partition while catching up is not one.
+    let errors: Vec<String> = std::fs::read_to_string(&orchestrator.log)?
+        .lines()
+        .filter(|l| l.contains(r#""level":"ERROR""#))
+        .map(str::to_owned)
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}");
     env.cleanup().await;
     Ok(())
 }
@@ -461,6 +468,170 @@ async fn bad_records_are_dead_lettered_invalid_commands_rejected_and_the_partiti
         assert_eq!(origin.as_deref(), Some(env.task_commands_topic.as_str()));
         assert_eq!(letter_key.as_deref(), Some(key.as_bytes()));
     }
+    env.cleanup().await;
+    Ok(())
+}
+
+/// Records stamped 50 minutes ahead (garbage, truncated, and valid commands) on the agent's
+/// and the task's partitions: no clock moves past now, so the live agent is not lost and its
+/// task (timeout 1 h) is not timed out. The check is made once commands appended after the
+/// forged ones have been decided, with ticks in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_record_times_move_no_clock() -> anyhow::Result<()> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let env = TestEnv::new().await?;
+    // Far longer than the test runs: only a forged clock could lose the agent.
+    let _orchestrator = orchestrator(&env, "one", "10m").await?;
+    let client = TaskClient::new(&env)?;
+    let topic = env.task_events_topic.clone();
+    client.register("a-live", &["translate"], 5).await?;
+    client.heartbeat("a-live").await?;
+    client
+        .send(&TaskCommand::Delegate(TaskClient::delegate_command(
+            "long-job",
+            "translate",
+            3,
+            3_600_000,
+        )))
+        .await?;
+    let log = read(EventLog::new(&env)?, topic.clone(), "assigned", |e| {
+        has(e, E::TaskAssigned, "long-job")
+    })
+    .await?;
+    assert_eq!(log.assignment("long-job"), Some(("a-live".to_owned(), 1)));
+
+    let producer: FutureProducer = env.kafka_config().create()?;
+    let future = chrono::Utc::now().timestamp_millis() + 50 * 60 * 1000;
+    let valid = TaskCommand::Delegate(TaskClient::delegate_command("forged", "none", 1, 1000)).encode()?;
+    for key in ["a-live", "long-job"] {
+        for payload in [
+            b"garbage".to_vec(),
+            valid[..valid.len() / 2].to_vec(),
+            valid.clone(),
+        ] {
+            producer
+                .send(
+                    FutureRecord::to(&env.task_commands_topic)
+                        .key(key)
+                        .payload(&payload)
+                        .timestamp(future),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|(e, _)| e)?;
+        }
+    }
+    // Commands after the forged ones, on both partitions, decided with ticks in between.
+    client.heartbeat("a-live").await?;
+    client
+        .send(&TaskCommand::Delegate(TaskClient::delegate_command(
+            "long-job",
+            "translate",
+            3,
+            3_600_000,
+        )))
+        .await?;
+    until_decided(&env, &client.sent()).await?;
+    let log = read_end(log, topic.clone()).await?;
+    let lost: Vec<_> = log.of(E::AgentLost).collect();
+    assert!(lost.is_empty(), "a forged time lost the agent: {lost:?}");
+    let timed_out: Vec<_> = log.of(E::TaskTimedOut).collect();
+    assert!(
+        timed_out.is_empty(),
+        "a forged time timed out the task: {timed_out:?}"
+    );
+    assert_eq!(log.per_task(E::TaskAssigned)["long-job"], 1);
+    for event in log.of(E::TaskAccepted).chain(log.of(E::TaskAssigned)) {
+        assert!(
+            event.at < future - 40 * 60 * 1000,
+            "decided at a forged time: {event:?}"
+        );
+    }
+    env.cleanup().await;
+    Ok(())
+}
+
+/// Records as large as the command topic accepts: garbage (its dead letter with headers is
+/// larger than the record) and a valid delegation whose events could not fit the events
+/// topic. Both are dead-lettered, the command after them is decided, and the orchestrator
+/// never restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_that_fill_the_topic_are_dead_lettered_and_the_partition_flows() -> anyhow::Result<()> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let env = TestEnv::new().await?;
+    let orchestrator = orchestrator(&env, "one", "60s").await?;
+    let producer: FutureProducer = env.kafka_config().set("message.max.bytes", "1100000").create()?;
+    let key = "big-key";
+    let mut big = TaskClient::delegate_command("big", "work", 1, 1000);
+    big.workflow_id = Some(key.into());
+    big.payload_json = serde_json::to_string(&json!({"text": "x".repeat(1_040_000)}))?;
+    let mut after = TaskClient::delegate_command("after-the-big-ones", "work", 1, 1000);
+    after.workflow_id = Some(key.into());
+    let mut offsets = Vec::new();
+    for payload in [
+        vec![0xAB; 1_020_000],
+        TaskCommand::Delegate(big).encode()?,
+        TaskCommand::Delegate(after).encode()?,
+    ] {
+        let delivered = producer
+            .send(
+                FutureRecord::to(&env.task_commands_topic)
+                    .key(key)
+                    .payload(&payload),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+        offsets.push(delivered.offset);
+    }
+    let log = read(
+        EventLog::new(&env)?,
+        env.task_events_topic.clone(),
+        "the command after the big ones accepted",
+        |e| has(e, E::TaskAccepted, "after-the-big-ones"),
+    )
+    .await?;
+    assert_eq!(log.per_task(E::TaskAccepted).get("big"), None);
+
+    let consumer: BaseConsumer = env
+        .kafka_config()
+        .set("group.id", format!("{}-dlq", env.orchestrator_group_id))
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .create()?;
+    consumer.subscribe(&[env.dead_letter_topic.as_str()])?;
+    let mut letters = BTreeMap::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    while letters.len() < 2 && std::time::Instant::now() < deadline {
+        if let Some(message) = consumer.poll(Duration::from_millis(200)) {
+            let message = message?;
+            let header = |name: &str| {
+                message
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == name).and_then(|h| h.value))
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default()
+            };
+            letters.insert(
+                header("memos-dlq-origin-offset").parse::<i64>()?,
+                (
+                    header("memos-dlq-error-class"),
+                    message.payload().map(<[u8]>::len),
+                ),
+            );
+        }
+    }
+    assert_eq!(letters.get(&offsets[0]).map(|l| l.0.as_str()), Some("not_avro"));
+    assert_eq!(letters.get(&offsets[1]).map(|l| l.0.as_str()), Some("too_large"));
+    assert!(
+        !orchestrator.log_text().contains("restarting"),
+        "{}",
+        orchestrator.log_text()
+    );
     env.cleanup().await;
     Ok(())
 }

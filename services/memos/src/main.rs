@@ -117,10 +117,9 @@ async fn run(config: Arc<Config>, role: Role) -> anyhow::Result<()> {
     // The projector role runs both projections: memory commands and task events.
     let mut projections = Vec::new();
     if role != Role::Api {
-        let memory = Projector::new(&config, pool.clone(), hot.clone(), producer.clone())?
-            .spawn(shutdown.child_token())?;
-        let tasks = TaskProjector::new(&config, pool.clone(), hot.clone(), producer.clone())?
-            .spawn(shutdown.child_token())?;
+        // Each projection has its own dead-letter producer, sized for the dead-letter topic.
+        let memory = Projector::new(&config, pool.clone(), hot.clone())?.spawn(shutdown.child_token())?;
+        let tasks = TaskProjector::new(&config, pool.clone(), hot.clone())?.spawn(shutdown.child_token())?;
         for thread in [memory, tasks] {
             // If a projection thread ends on its own, stop the whole process.
             let stop = shutdown.clone();

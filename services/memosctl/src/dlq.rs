@@ -8,6 +8,12 @@
 //!   the payload decodes to today (or why it still does not).
 //! - `redrive` appends the original key and value again to the origin topic (or `--to`).
 //!
+//! A letter is a copy (its key and value are the original's, nulls included) or a reference
+//! (`memos-dlq-form: reference`: a record too large to copy; null key and value, the
+//! original's size and SHA-256 in headers). For a reference, `show` and `redrive` read the
+//! original from its origin topic, partition and offset and check its size and hash first; a
+//! reference whose original is gone or differs is an error, never redriven.
+//!
 //! Guarantees:
 //! - `list` and `show` never change state. They read with a consumer that is assigned the
 //!   partitions explicitly, joins no group and commits nothing, from the start of each
@@ -32,6 +38,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::Subcommand;
+use memos_kafka::dlq::{Form, sha256_hex};
 use memos_kafka::{CommandProducer, headers};
 use memos_runtime::Config;
 use memos_runtime::config::KafkaConfig;
@@ -62,7 +69,7 @@ pub enum DlqCommand {
         /// Only the N most recent letters (after --class).
         #[arg(long, value_name = "N")]
         limit: Option<usize>,
-        /// Only letters of this error class (`not_avro`, `unknown_schema`, `malformed`, `invalid`, `empty`).
+        /// Only letters of this error class (`not_avro`, `unknown_schema`, `malformed`, `invalid`, `empty`, `unstorable`).
         #[arg(long, value_name = "C")]
         class: Option<String>,
         /// One JSON object per line (full error message) instead of a table.
@@ -131,6 +138,9 @@ fn parse_id(text: &str) -> anyhow::Result<(i32, i64)> {
     Ok((partition, offset))
 }
 
+/// A record's key and value, `None` being a Kafka null.
+type Original = (Option<Vec<u8>>, Option<Vec<u8>>);
+
 /// One record of the dead-letter topic.
 struct Letter {
     partition: i32,
@@ -140,6 +150,8 @@ struct Letter {
     key: Option<Vec<u8>>,
     payload: Option<Vec<u8>>,
     headers: Vec<(String, Option<Vec<u8>>)>,
+    /// A reference's original (key, value), once read from its origin by [`resolve`].
+    original: Option<Original>,
 }
 
 impl Letter {
@@ -159,7 +171,60 @@ impl Letter {
             key: message.key().map(<[u8]>::to_vec),
             payload: message.payload().map(<[u8]>::to_vec),
             headers,
+            original: None,
         }
+    }
+
+    /// A copy unless the letter says it is a reference (letters written before references
+    /// existed have no form header and are copies).
+    fn form(&self) -> Form {
+        match self.header(headers::DLQ_FORM).as_deref() {
+            Some("reference") => Form::Reference,
+            _ => Form::Copy,
+        }
+    }
+
+    /// The original key: the letter's own for a copy, the resolved one for a reference.
+    fn original_key(&self) -> Option<&[u8]> {
+        match &self.original {
+            Some((key, _)) => key.as_deref(),
+            None => self.key.as_deref(),
+        }
+    }
+
+    /// The original value, as [`original_key`](Self::original_key).
+    fn original_payload(&self) -> Option<&[u8]> {
+        match &self.original {
+            Some((_, payload)) => payload.as_deref(),
+            None => self.payload.as_deref(),
+        }
+    }
+
+    /// Checks that `key` and `payload` are the original a reference names (size and hash).
+    fn verify_original(&self, key: Option<&[u8]>, payload: Option<&[u8]>) -> anyhow::Result<()> {
+        let check = |what: &str, bytes: Option<&[u8]>, size: &str, hash: &str| -> anyhow::Result<()> {
+            let (size, hash) = (self.header(size), self.header(hash));
+            let found = bytes.map(|b| (b.len().to_string(), sha256_hex(b)));
+            let expected = size.zip(hash);
+            anyhow::ensure!(
+                found == expected,
+                "the record at the origin of reference {} is not the one dead-lettered: its {what} has (size, sha-256) {found:?}, the letter names {expected:?}",
+                self.id()
+            );
+            Ok(())
+        };
+        check(
+            "value",
+            payload,
+            headers::DLQ_ORIGIN_SIZE,
+            headers::DLQ_ORIGIN_SHA256,
+        )?;
+        check(
+            "key",
+            key,
+            headers::DLQ_ORIGIN_KEY_SIZE,
+            headers::DLQ_ORIGIN_KEY_SHA256,
+        )
     }
 
     fn id(&self) -> String {
@@ -200,17 +265,23 @@ impl Letter {
     }
 
     fn key_text(&self) -> Option<String> {
-        self.key
-            .as_deref()
+        self.original_key()
             .map(|k| String::from_utf8_lossy(k).into_owned())
     }
 
+    /// Size of the original value: the letter's own, or the one a reference names.
     fn payload_len(&self) -> usize {
-        self.payload.as_ref().map_or(0, Vec::len)
+        match self.form() {
+            Form::Reference if self.original.is_none() => self
+                .header(headers::DLQ_ORIGIN_SIZE)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0),
+            _ => self.original_payload().map_or(0, <[u8]>::len),
+        }
     }
 
     fn decode(&self) -> Result<MemoryCommand, memos_schemas::DecodeError> {
-        MemoryCommand::decode(self.payload.as_deref().unwrap_or_default())
+        MemoryCommand::decode(self.original_payload().unwrap_or_default())
     }
 }
 
@@ -364,6 +435,63 @@ fn read_ids(kafka: &KafkaConfig, topic: &str, ids: &[(i32, i64)]) -> anyhow::Res
     Ok(letters)
 }
 
+/// Reads the original of every reference among `letters` from its origin, checking its size
+/// and hash; fails when one is gone from the log or differs.
+fn resolve(kafka: &KafkaConfig, letters: &mut [Letter]) -> anyhow::Result<()> {
+    let mut wanted: BTreeMap<String, Vec<(i32, i64)>> = BTreeMap::new();
+    for letter in letters.iter().filter(|l| l.form() == Form::Reference) {
+        let (Some(topic), Some(partition), Some(offset)) = (
+            letter.origin_topic(),
+            letter.origin_partition(),
+            letter.origin_offset(),
+        ) else {
+            anyhow::bail!(
+                "reference {} does not name its origin (topic, partition, offset)",
+                letter.id()
+            );
+        };
+        wanted.entry(topic).or_default().push((partition, offset));
+    }
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let consumer = reader(kafka)?;
+    let mut found: HashMap<(String, i32, i64), Letter> = HashMap::new();
+    for (topic, positions) in &wanted {
+        let mut ranges: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
+        for &(partition, offset) in positions {
+            let range = ranges.entry(partition).or_insert((offset, offset + 1));
+            range.0 = range.0.min(offset);
+            range.1 = range.1.max(offset + 1);
+        }
+        let ranges: Vec<(i32, i64, i64)> = ranges.into_iter().map(|(p, (s, e))| (p, s, e)).collect();
+        scan(&consumer, topic, &ranges, |record| {
+            if positions.contains(&(record.partition, record.offset)) {
+                found.insert((topic.clone(), record.partition, record.offset), record);
+            }
+        })?;
+    }
+    for letter in letters.iter_mut().filter(|l| l.form() == Form::Reference) {
+        let origin = (
+            letter.origin_topic().unwrap_or_default(),
+            letter.origin_partition().unwrap_or_default(),
+            letter.origin_offset().unwrap_or_default(),
+        );
+        let record = found.remove(&origin).with_context(|| {
+            format!(
+                "the original of reference {} ({}/{}:{}) is no longer in the log",
+                letter.id(),
+                origin.0,
+                origin.1,
+                origin.2
+            )
+        })?;
+        letter.verify_original(record.key.as_deref(), record.payload.as_deref())?;
+        letter.original = Some((record.key, record.payload));
+    }
+    Ok(())
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
@@ -381,6 +509,8 @@ struct ListRow {
     origin_partition: Option<i32>,
     origin_offset: Option<i64>,
     key: Option<String>,
+    /// `copy` or `reference`.
+    form: &'static str,
     payload_bytes: usize,
     error_message: Option<String>,
 }
@@ -397,6 +527,7 @@ impl ListRow {
             origin_partition: letter.origin_partition(),
             origin_offset: letter.origin_offset(),
             key: letter.key_text(),
+            form: letter.form().as_str(),
             payload_bytes: letter.payload_len(),
             error_message: letter.header(headers::DLQ_ERROR_MESSAGE),
         }
@@ -444,7 +575,11 @@ async fn list(
                 r.error_class.clone().unwrap_or_else(|| "?".into()),
                 origin(r),
                 truncate(&printable(r.key.as_deref().unwrap_or("")), 24),
-                r.payload_bytes.to_string(),
+                if r.form == "reference" {
+                    format!("{} (ref)", r.payload_bytes)
+                } else {
+                    r.payload_bytes.to_string()
+                },
                 truncate(
                     &printable(r.error_message.as_deref().unwrap_or("")),
                     MESSAGE_WIDTH,
@@ -559,12 +694,16 @@ async fn show(config: &Config, id: &str, json: bool) -> anyhow::Result<()> {
     let topic = config.topics.dead_letter.clone();
     let letter = {
         let topic = topic.clone();
-        blocking(move || read_ids(&kafka, &topic, &[position]))
-            .await?
-            .pop()
-            .context("letter read")?
+        blocking(move || {
+            let mut letters = read_ids(&kafka, &topic, &[position])?;
+            resolve(&kafka, &mut letters)?;
+            Ok(letters)
+        })
+        .await?
+        .pop()
+        .context("letter read")?
     };
-    let payload = letter.payload.as_deref().unwrap_or_default();
+    let payload = letter.original_payload().unwrap_or_default();
     let shown = &payload[..payload.len().min(HEX_LIMIT)];
     let decoded = letter.decode();
     if json {
@@ -589,7 +728,10 @@ async fn show(config: &Config, id: &str, json: bool) -> anyhow::Result<()> {
             "offset": letter.offset,
             "timestamp_ms": letter.timestamp,
             "headers": headers,
+            "form": letter.form().as_str(),
             "key": letter.key_text(),
+            "key_null": letter.original_key().is_none(),
+            "payload_null": letter.original_payload().is_none(),
             "payload_bytes": payload.len(),
             "payload_hex": hex(shown),
             "payload_hex_truncated": shown.len() < payload.len(),
@@ -612,11 +754,19 @@ async fn show(config: &Config, id: &str, json: bool) -> anyhow::Result<()> {
             .map_or("(null)".into(), |v| String::from_utf8_lossy(v).into_owned());
         println!("  {key:<width$}  {value}");
     }
+    if letter.form() == Form::Reference {
+        println!(
+            "form         reference: the original is read from {}/{}:{} (size and sha-256 checked)",
+            letter.origin_topic().unwrap_or_default(),
+            letter.origin_partition().unwrap_or_default(),
+            letter.origin_offset().unwrap_or_default()
+        );
+    }
     match letter.key_text() {
         Some(key) => println!("key          {key:?}"),
         None => println!("key          (null)"),
     }
-    if letter.payload.is_none() {
+    if letter.original_payload().is_none() {
         println!("payload      (null)");
     } else if shown.len() < payload.len() {
         println!("payload      {} bytes, first {HEX_LIMIT}:", payload.len());
@@ -668,6 +818,12 @@ async fn redrive(
         let topic = dlq_topic.clone();
         blocking(move || read_ids(&kafka, &topic, &positions)).await?
     };
+    let kafka = config.kafka.clone();
+    letters = blocking(move || {
+        resolve(&kafka, &mut letters)?;
+        Ok(letters)
+    })
+    .await?;
     letters.sort_by_key(|l| {
         (
             l.origin_topic(),
@@ -680,7 +836,15 @@ async fn redrive(
     let producer = if options.dry_run {
         None
     } else {
-        Some(CommandProducer::new(&config.kafka)?)
+        // Originals may be as large as their topic allowed, more than librdkafka's default.
+        let largest = letters
+            .iter()
+            .map(|l| l.original_key().map_or(0, <[u8]>::len) + l.original_payload().map_or(0, <[u8]>::len))
+            .max()
+            .unwrap_or(0);
+        let max = memos_kafka::admin::dead_letter_max_bytes(&config.topics)
+            .max(largest + memos_kafka::dlq::LETTER_OVERHEAD_BYTES);
+        Some(CommandProducer::with_max_message_bytes(&config.kafka, Some(max))?)
     };
     let (mut redriven, mut skipped) = (0usize, 0usize);
     for letter in &letters {
@@ -722,15 +886,10 @@ async fn redrive(
             redriven += 1;
             continue;
         };
-        let key = letter.key_text().unwrap_or_default();
         let pairs: Vec<(&str, &str)> = record_headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        // The original bytes exactly: a null key or value stays null.
         let delivered = producer
-            .send(
-                &target,
-                &key,
-                letter.payload.as_deref().unwrap_or_default(),
-                &pairs,
-            )
+            .send_bytes(&target, letter.original_key(), letter.original_payload(), &pairs)
             .await
             .with_context(|| {
                 format!("redriving {id} to {target} failed after {redriven} redriven; stopped")

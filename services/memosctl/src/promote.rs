@@ -255,6 +255,7 @@ pub async fn run(config: &Config, args: PromoteArgs) -> anyhow::Result<()> {
         producer: CommandProducer::new(&config.kafka).context("E_KAFKA: cannot create a producer")?,
         topic: topic.clone(),
         dead_letter_topic: config.topics.dead_letter.clone(),
+        dead_letter_max_bytes: memos_kafka::admin::dead_letter_max_bytes(&config.topics),
         projection: memos_projector::MEMORY_PROJECTION.to_owned(),
         fold: FoldConfig {
             topic: topic.clone(),

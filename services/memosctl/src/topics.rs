@@ -5,6 +5,12 @@
 //! per key, which is a namespace here), a finite `retention.ms`, or a finite
 //! `retention.bytes`. Exit status 0 when every topic is safe, 1 otherwise (and when a topic
 //! does not exist or the broker cannot be asked). Read-only.
+//!
+//! `memosctl topics create`: creates the memOS topics that do not exist yet and applies the
+//! enforced settings to those that do (`max.message.bytes` on every topic, the dead-letter
+//! topic's large enough for a copy of any command; `message.timestamp.type=LogAppendTime`
+//! on the command topics), exactly as `memos` does at start
+//! ([`memos_kafka::admin::ensure_topics`]). Retention of existing topics is never changed.
 
 use std::time::Duration;
 
@@ -17,6 +23,8 @@ use serde::Serialize;
 
 #[derive(Subcommand)]
 pub enum TopicsCommand {
+    /// Creates missing topics; applies size limits and broker record time to existing ones.
+    Create,
     /// Warns (exit 1) when a command topic's retention or cleanup policy would lose history.
     Check {
         /// Also check this topic (repeatable).
@@ -77,7 +85,25 @@ fn problems(
 }
 
 pub async fn run(config: &Config, command: TopicsCommand) -> anyhow::Result<()> {
-    let TopicsCommand::Check { topics: extra, json } = command;
+    let (extra, json) = match command {
+        TopicsCommand::Create => {
+            let specs = memos_kafka::admin::all_topics(&config.topics);
+            memos_kafka::admin::ensure_topics(&config.kafka, &specs)
+                .await
+                .context("E_KAFKA: cannot create or configure the topics")?;
+            for spec in &specs {
+                let settings: Vec<String> = spec
+                    .config
+                    .iter()
+                    .filter(|(k, _)| spec.enforced.contains(k))
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                println!("ok    {}: {}", spec.name, settings.join(" "));
+            }
+            return Ok(());
+        }
+        TopicsCommand::Check { topics, json } => (topics, json),
+    };
     let mut topics = command_topics(config);
     for topic in extra {
         if !topics.contains(&topic) {

@@ -596,11 +596,21 @@ fn assign_waiting(d: &mut Decision<'_>, rules: &Rules) {
             task.attempt + 1,
             now.saturating_add(task.timeout_ms),
         );
+        // The agent's registration lives on its own partition, which a view may fold after
+        // this one: the assignment says what it was assigned to, so the view never holds a
+        // task for an agent it does not know.
+        let assignee = &d.state.agents[&agent];
+        let assignee = json!({
+            "capabilities": assignee.capabilities,
+            "max_concurrent": assignee.max_concurrent,
+        });
         let mut event = d.task_event(E::TaskAssigned, &task_id);
         event.agent_id = Some(agent);
         event.attempt = Some(attempt);
-        event.data_json =
-            Some(json!({"payload": payload, "priority": priority, "deadline": deadline}).to_string());
+        event.data_json = Some(
+            json!({"payload": payload, "priority": priority, "deadline": deadline, "agent": assignee})
+                .to_string(),
+        );
         d.emit(event);
     }
 }

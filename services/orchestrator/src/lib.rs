@@ -11,8 +11,10 @@
 //! commands topic (an event goes to the partition of its command, so each events partition
 //! has one writer: the owner of the command partition).
 //!
-//! Time: decisions never read the wall clock. Each partition has a clock, the largest record
-//! timestamp of its commands; the owner appends a `Tick` command to each of its partitions
+//! Time: decisions never read the wall clock. Each partition has a clock, the largest trusted
+//! record time of its commands (the broker's append time: the command topics are
+//! `LogAppendTime`; a producer's `CreateTime` is bounded by this host's clock, and a record
+//! that does not decode moves nothing); the owner appends a `Tick` command to each of its partitions
 //! every tick interval, so timeouts and agent liveness are decided when a recorded tick (or
 //! any command) says the time has come. The decisions are recorded as events, and a rebuild
 //! folds the events, never re-decides.

@@ -10,14 +10,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use memos_kafka::client::base_config;
-use memos_kafka::dlq::{DeadLetter, letter_headers};
+use memos_kafka::admin::dead_letter_max_bytes;
+use memos_kafka::client::{ReadsToEnd, base_config};
+use memos_kafka::dlq::{self, DeadLetter, LETTER_OVERHEAD_BYTES};
 use memos_runtime::Config;
 use memos_runtime::metrics as m;
 use memos_schemas::task::{TaskCommand, TaskEvent, TaskEventType, Tick};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage, Timestamp};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
@@ -246,7 +247,12 @@ impl<'a> Worker<'a> {
             // The coordinator answers CONCURRENT_TRANSACTIONS while it still writes the
             // previous commit's markers; librdkafka's default 100 ms retry backoff would then
             // be added to every other transaction.
-            .set("retry.backoff.ms", "5");
+            .set("retry.backoff.ms", "5")
+            // Dead letters may be as large as the dead-letter topic accepts (see `dead_letter`).
+            .set(
+                "message.max.bytes",
+                dead_letter_max_bytes(&config.topics).to_string(),
+            );
         for (key, value) in &config.kafka.properties {
             producer.set(key, value);
         }
@@ -328,7 +334,9 @@ impl<'a> Worker<'a> {
             .set("isolation.level", "read_committed")
             .set("enable.partition.eof", "true")
             .set("fetch.wait.max.ms", "10");
-        let consumer: BaseConsumer = config.create().context("create the catch-up reader")?;
+        let consumer: BaseConsumer<ReadsToEnd> = config
+            .create_with_context(ReadsToEnd)
+            .context("create the catch-up reader")?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&topic, partition, Offset::Offset(from))?;
         consumer.assign(&tpl).context("assign the catch-up reader")?;
@@ -468,13 +476,8 @@ impl<'a> Worker<'a> {
         self.tally = Tally::default();
         let mut next_offsets: BTreeMap<i32, i64> = BTreeMap::new();
         for message in &batch {
-            let p = message.partition();
-            let time = message.timestamp().to_millis().unwrap_or(0);
-            let clock = self.clocks.entry(p).or_insert(time);
-            *clock = (*clock).max(time);
-            let now = *clock;
-            next_offsets.insert(p, message.offset() + 1);
-            self.decide_record(message, now)?;
+            next_offsets.insert(message.partition(), message.offset() + 1);
+            self.decide_record(message)?;
         }
         let to_reconcile: BTreeSet<i32> = if foreign > 0 {
             self.owned.keys().copied().collect()
@@ -543,12 +546,35 @@ impl<'a> Worker<'a> {
         Ok(())
     }
 
-    fn decide_record(&mut self, message: &OwnedMessage, now: i64) -> anyhow::Result<()> {
+    fn decide_record(&mut self, message: &OwnedMessage) -> anyhow::Result<()> {
         let p = message.partition();
+        // The events of a command carry its payload (accepted, assigned) or result
+        // (completed): a command that fills the topic's limit would make events the broker
+        // refuses, and the transaction would be retried forever. It is refused before it
+        // decides anything.
+        let size = message.payload().map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len);
+        let budget = self
+            .config
+            .topics
+            .max_message_bytes
+            .saturating_sub(LETTER_OVERHEAD_BYTES);
+        if size > budget {
+            let reason = format!(
+                "a task command of {size} bytes: its events would not fit the events topic (commands up to {budget} bytes)"
+            );
+            return self.dead_letter(message, "too_large", &reason);
+        }
         let command = match message.payload().map(TaskCommand::decode_unvalidated) {
             Some(Ok(command)) => command,
             Some(Err(e)) => return self.dead_letter(message, e.class(), &e.to_string()),
             None => return self.dead_letter(message, "not_avro", "empty record"),
+        };
+        // Only a command moves the clock: a record that is dead-lettered decides nothing.
+        let now = {
+            let time = trusted_time(message);
+            let clock = self.clocks.entry(p).or_insert(time);
+            *clock = (*clock).max(time);
+            *clock
         };
         let type_name = command.type_name();
         if matches!(command, TaskCommand::Tick(_)) {
@@ -593,20 +619,26 @@ impl<'a> Worker<'a> {
             error_class: class,
             error_message: reason,
         };
-        let headers = letter_headers(&letter)
-            .into_iter()
+        // A copy of the original (key and value exactly, nulls kept) when it fits the
+        // dead-letter topic, else a reference to it: a letter is never refused for its size,
+        // which would abort every retry of this transaction.
+        let composed = dlq::compose(&letter, dead_letter_max_bytes(&self.config.topics));
+        let headers = composed
+            .headers
+            .iter()
             .fold(OwnedHeaders::new(), |h, (key, value)| {
                 h.insert(Header {
                     key,
                     value: Some(value.as_bytes()),
                 })
             });
-        let key = message.key().unwrap_or_default();
-        let payload = message.payload().unwrap_or_default();
-        let record = BaseRecord::to(&self.config.topics.dead_letter)
-            .key(key)
-            .payload(payload)
-            .headers(headers);
+        let mut record = BaseRecord::<[u8], [u8]>::to(&self.config.topics.dead_letter).headers(headers);
+        if let Some(key) = &composed.key {
+            record = record.key(key.as_slice());
+        }
+        if let Some(payload) = &composed.payload {
+            record = record.payload(payload.as_slice());
+        }
         send(&self.producer, record)
     }
 
@@ -727,6 +759,20 @@ fn register_series() {
         TaskEventType::CommandRejected,
     ] {
         metrics::counter!(m::ORCHESTRATOR_EVENTS, "type" => kind.as_str()).increment(0);
+    }
+}
+
+/// The time a command happened at, as far as the orchestrator may trust it: timeouts and
+/// liveness are decided by it, so a producer must not be able to move it. The command topics
+/// are created with `message.timestamp.type=LogAppendTime`, and then the broker stamps every
+/// record as it appends it. On a topic left at `CreateTime` the timestamp is the producer's
+/// claim: it is bounded by this host's clock, so a forged future time moves no clock past
+/// now (a forged past time never moves it back: the clock only advances).
+fn trusted_time(message: &OwnedMessage) -> i64 {
+    match message.timestamp() {
+        Timestamp::LogAppendTime(t) => t,
+        Timestamp::CreateTime(t) => t.min(chrono_millis()),
+        Timestamp::NotAvailable => chrono_millis(),
     }
 }
 

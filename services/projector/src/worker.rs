@@ -1,7 +1,13 @@
 //! The projector loop. Batches are taken adaptively: a poll waits for the first record only
 //! when the topic is idle, then whatever is already fetched is added without waiting, up to
-//! the record and byte limits. Each batch is dead-lettered, applied and cached with retries
-//! and backoff; the loop moves to the next batch only once the current one is committed.
+//! the record and byte limits. Each batch is dead-lettered, applied and cached; the loop
+//! moves to the next batch only once the current one is committed.
+//!
+//! Failures are classified ([`crate::isolate`]): a record PostgreSQL refuses is isolated and
+//! dead-lettered and the rest of its batch applied; everything else (PostgreSQL, Redis or
+//! the broker unavailable, a serialization failure, a deadlock) is retried with bounded
+//! exponential backoff (100 ms doubling up to `projector.max_retry_backoff`), and no record
+//! is skipped because of it.
 //!
 //! Shutdown: a cancelled token stops taking batches; a batch already being applied finishes
 //! (or, when its dependency is down, is abandoned unapplied and redone after restart), a final
@@ -12,6 +18,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use memos_kafka::CommandProducer;
+use memos_kafka::admin::dead_letter_max_bytes;
 use memos_kafka::headers;
 use memos_redis::HotViews;
 use memos_runtime::config::KafkaConfig;
@@ -50,12 +57,8 @@ pub(crate) struct Abandoned;
 
 impl Projector {
     /// Builds the projector and subscribes it. Call from inside the tokio runtime.
-    pub fn new(
-        config: &Config,
-        pool: PgPool,
-        hot: HotViews,
-        producer: CommandProducer,
-    ) -> anyhow::Result<Self> {
+    pub fn new(config: &Config, pool: PgPool, hot: HotViews) -> anyhow::Result<Self> {
+        let producer = dead_letter_producer(config)?;
         let handle = Handle::current();
         let positions = Positions::default();
         let context = SeekToStored {
@@ -80,6 +83,7 @@ impl Projector {
                 producer,
                 topic: config.topics.memory_commands.clone(),
                 dead_letter_topic: config.topics.dead_letter.clone(),
+                dead_letter_max_bytes: dead_letter_max_bytes(&config.topics),
                 projection: crate::MEMORY_PROJECTION.to_owned(),
                 fold: FoldConfig {
                     topic: config.topics.memory_commands.clone(),
@@ -199,15 +203,15 @@ impl Projector {
             .collect();
 
         let projection = self.sinks.projection.clone();
-        self.retry("dead_letter", shutdown, || {
+        let forms = self.retry("dead_letter", shutdown, || {
             batch::dead_letter(&self.sinks, records, &prepared)
         })?;
-        for dead in &prepared.dead {
+        for (dead, form) in prepared.dead.iter().zip(forms) {
             let record = &records[dead.index];
             record_spans[dead.index].in_scope(|| {
                 tracing::warn!(
                     partition = record.partition, offset = record.offset,
-                    class = dead.class, reason = %dead.message, "record dead-lettered"
+                    class = dead.class, form = form.as_str(), reason = %dead.message, "record dead-lettered"
                 )
             });
             metrics::counter!(m::DLQ_RECORDS, "source" => self.sinks.topic.clone(), "reason" => dead.class)
@@ -217,14 +221,16 @@ impl Projector {
         let next_offsets = prepared.next_offsets.clone();
         let dead_lettered = prepared.dead.len();
         let groups = batch::split(prepared, self.apply_parallelism);
-        let (outcome, already_applied) = self.retry("apply", shutdown, || {
+        let isolated = self.retry("apply", shutdown, || {
             observe(
                 m::POSTGRES_SECONDS,
                 m::POSTGRES_ERRORS,
                 "apply_batch",
-                batch::apply_all(&self.sinks, &groups),
+                batch::apply_all(&self.sinks, records, &groups),
             )
         })?;
+        let dead_lettered = dead_lettered + isolated.poisoned.len();
+        let (outcome, already_applied) = (isolated.outcome, isolated.already_applied);
         metrics::histogram!(m::PROJECTOR_APPLY_SECONDS, "projection" => projection.clone())
             .record(apply_started.elapsed().as_secs_f64());
         let committed_ms = chrono::Utc::now().timestamp_millis();
@@ -308,13 +314,19 @@ impl Projector {
     }
 }
 
+/// The producer of a projection's dead letters: its `message.max.bytes` is the dead-letter
+/// topic's limit, so a copy the topic accepts is not refused locally.
+pub(crate) fn dead_letter_producer(config: &Config) -> anyhow::Result<CommandProducer> {
+    CommandProducer::with_max_message_bytes(&config.kafka, Some(dead_letter_max_bytes(&config.topics)))
+}
+
 /// Registers at zero every series whose label values are known up front, so dashboards and
 /// alerts see a flat line instead of no data until the first failure.
 fn register_series(config: &Config) {
     let projection = crate::MEMORY_PROJECTION;
     let topic = config.topics.memory_commands.clone();
-    for reason in memos_schemas::DecodeError::CLASSES.iter().chain(&["empty"]) {
-        metrics::counter!(m::DLQ_RECORDS, "source" => topic.clone(), "reason" => *reason).increment(0);
+    for reason in crate::dead_letter_classes() {
+        metrics::counter!(m::DLQ_RECORDS, "source" => topic.clone(), "reason" => reason).increment(0);
     }
     for step in ["dead_letter", "apply", "cache"] {
         metrics::counter!(m::PROJECTOR_RETRIES, "projection" => projection, "step" => step).increment(0);

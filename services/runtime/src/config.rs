@@ -143,8 +143,13 @@ pub struct TopicsConfig {
     /// Partitions of topics memOS creates; a namespace always maps to one partition.
     pub partitions: i32,
     pub replication_factor: i32,
-    /// Whether processes create missing topics at start through the admin API.
+    /// Whether processes create missing topics at start through the admin API (and apply
+    /// the size and timestamp settings to existing ones).
     pub create: bool,
+    /// Largest record on the command and event topics (topic `max.message.bytes`); the
+    /// dead-letter topic accepts that plus the headers a dead letter adds, so every record a
+    /// command topic accepted can be dead-lettered as a copy.
+    pub max_message_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -237,6 +242,7 @@ impl Default for Config {
                 partitions: 6,
                 replication_factor: 1,
                 create: true,
+                max_message_bytes: 1024 * 1024,
             },
             postgres: PostgresConfig {
                 url: Secret::new("postgres://memos@127.0.0.1:15432/memos"),

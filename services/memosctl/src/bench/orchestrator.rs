@@ -96,7 +96,7 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
         &config.kafka,
         &[
             TopicSpec::commands(&commands_topic, &topics),
-            TopicSpec::commands(&events_topic, &topics),
+            TopicSpec::events(&events_topic, &topics),
             TopicSpec::dead_letter(&iso.dead_letter_topic, &topics),
         ],
     )

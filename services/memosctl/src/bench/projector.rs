@@ -739,6 +739,7 @@ async fn run_naive(config: &Config, args: &Args, iso: &mut Isolation, dims: usiz
         producer: CommandProducer::new(&config.kafka)?,
         topic: iso.commands_topic.clone(),
         dead_letter_topic: iso.dead_letter_topic.clone(),
+        dead_letter_max_bytes: memos_kafka::admin::dead_letter_max_bytes(&config.topics),
         projection: memos_projector::MEMORY_PROJECTION.to_owned(),
         fold: FoldConfig {
             topic: iso.commands_topic.clone(),

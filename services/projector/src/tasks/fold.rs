@@ -48,8 +48,12 @@ pub fn touched(batch: &[DecidedEvent]) -> (Vec<String>, Vec<String>, Vec<String>
             | TaskEventType::AgentHeartbeat
             | TaskEventType::AgentLost
             | TaskEventType::AgentDeregistered => agents.extend(e.agent_id.clone()),
+            TaskEventType::TaskAssigned => {
+                // The assignee's row, if the view has it: see `provisional_agent`.
+                agents.extend(e.agent_id.clone());
+                tasks.extend(e.task_id.clone());
+            }
             TaskEventType::TaskAccepted
-            | TaskEventType::TaskAssigned
             | TaskEventType::TaskStarted
             | TaskEventType::TaskCompleted
             | TaskEventType::TaskFailed
@@ -129,6 +133,26 @@ fn new_task(task_id: &str, e: &TaskEvent, at: DateTime<Utc>) -> TaskRow {
         updated_at: at,
         log_partition: 0,
         log_offset: 0,
+    }
+}
+
+/// The row of an agent the view meets first as the assignee of a task. The orchestrator
+/// assigns only to registered agents, but their registration is on the agent's partition,
+/// which may be folded after the task's: without this row the view would hold (and the API
+/// serve) an inbox whose agent does not exist. The assignment carries what the orchestrator
+/// knew of the agent; its registration, when folded, replaces the whole row, so the final
+/// views do not depend on the order partitions are folded in.
+fn provisional_agent(agent_id: &str, data: &Value, at: DateTime<Utc>) -> AgentRow {
+    let agent = data.get("agent").cloned().unwrap_or(Value::Null);
+    AgentRow {
+        agent_id: agent_id.to_owned(),
+        capabilities: strings_of(&agent, "capabilities"),
+        max_concurrent: i32_of(&agent, "max_concurrent").unwrap_or(1),
+        metadata: Value::Object(Default::default()),
+        status: "alive".into(),
+        last_heartbeat_at: None,
+        registered_at: at,
+        updated_at: at,
     }
 }
 
@@ -246,6 +270,15 @@ pub fn fold(mut state: TaskState, batch: &[DecidedEvent], topic: &str) -> TaskOu
                 let Some(task_id) = e.task_id.as_deref() else {
                     continue;
                 };
+                if e.event_type == TaskEventType::TaskAssigned
+                    && let Some(agent_id) = e.agent_id.as_deref()
+                    && !state.agents.contains_key(agent_id)
+                {
+                    state
+                        .agents
+                        .insert(agent_id.to_owned(), provisional_agent(agent_id, &data, at));
+                    agents.insert(agent_id.to_owned());
+                }
                 let task = state
                     .tasks
                     .entry(task_id.to_owned())
@@ -596,5 +629,57 @@ mod tests {
         assert_eq!(all.workflows[0].failed_step.as_deref(), Some("a"));
         assert_eq!(all.tasks[0].status, "cancelled");
         assert_eq!(all.tasks[0].step_id.as_deref(), Some("a"));
+    }
+
+    /// The task's partition folded before the agent's: the view knows the assignee at once
+    /// (the inbox is never served without its agent), and once the registration is folded the
+    /// agent's row is the one folding in log order gives.
+    #[test]
+    fn an_assignment_folded_before_the_registration_has_its_agent() {
+        let assigned = event(3, TaskEventType::TaskAssigned, |e| {
+            e.task_id = Some("t".into());
+            e.agent_id = Some("a1".into());
+            e.attempt = Some(1);
+            e.data_json = Some(
+                r#"{"payload":null,"priority":0,"deadline":9,"agent":{"capabilities":["summarize"],"max_concurrent":2}}"#
+                    .into(),
+            );
+        });
+        let registered = event(0, TaskEventType::AgentRegistered, agent("a1"));
+
+        let first = fold(TaskState::default(), std::slice::from_ref(&assigned), "t").changes;
+        assert_eq!(first.agents.len(), 1, "the assignee has a row");
+        let provisional = &first.agents[0];
+        assert_eq!(
+            (provisional.status.as_str(), provisional.max_concurrent),
+            ("alive", 2)
+        );
+        assert_eq!(provisional.capabilities, vec!["summarize".to_owned()]);
+        assert_eq!(first.touched_agents, vec!["a1".to_owned()]);
+
+        let state = TaskState {
+            agents: first
+                .agents
+                .into_iter()
+                .map(|a| (a.agent_id.clone(), a))
+                .collect(),
+            ..TaskState::default()
+        };
+        let late = fold(state, std::slice::from_ref(&registered), "t").changes;
+        let in_order = fold(TaskState::default(), &[registered, assigned.clone()], "t").changes;
+        assert_eq!(late.agents, in_order.agents);
+
+        // A known agent is never replaced by the assignment's copy.
+        let known = TaskState {
+            agents: in_order
+                .agents
+                .iter()
+                .map(|a| (a.agent_id.clone(), a.clone()))
+                .collect(),
+            ..TaskState::default()
+        };
+        let again = fold(known, std::slice::from_ref(&assigned), "t").changes;
+        assert!(again.agents.is_empty(), "{:?}", again.agents);
+        assert_eq!(again.touched_agents, vec!["a1".to_owned()]);
     }
 }

@@ -1,6 +1,7 @@
 //! The task-projection loop: the memory projector's loop (adaptive batches, retries with
-//! backoff, progress reports) around [`batch`](crate::tasks::batch). Before its first batch it
-//! rewrites in Redis every agent whose newest revision had not reached it.
+//! backoff, progress reports, events PostgreSQL refuses isolated by [`crate::isolate`])
+//! around [`batch`](crate::tasks::batch). Before its first batch it rewrites in Redis every
+//! agent whose newest revision had not reached it.
 //!
 //! Shutdown: a cancelled token stops taking batches; a batch being applied finishes (or, when
 //! its dependency is down, is abandoned unapplied and redone after restart), a final progress
@@ -9,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use memos_kafka::CommandProducer;
+use memos_kafka::admin::dead_letter_max_bytes;
 use memos_redis::HotViews;
 use memos_runtime::config::KafkaConfig;
 use memos_runtime::metrics::{self as m, observe};
@@ -23,7 +24,7 @@ use crate::batch::Record;
 use crate::consumer::{self, Positions, SeekToStored};
 use crate::lag;
 use crate::tasks::batch::{self, TaskSinks};
-use crate::worker::{Abandoned, Limits, report_progress, retry, take_records};
+use crate::worker::{Abandoned, Limits, dead_letter_producer, report_progress, retry, take_records};
 
 pub struct TaskProjector {
     sinks: TaskSinks,
@@ -44,12 +45,8 @@ pub fn group_id(config: &Config) -> String {
 
 impl TaskProjector {
     /// Builds the projection and subscribes it. Call from inside the tokio runtime.
-    pub fn new(
-        config: &Config,
-        pool: PgPool,
-        hot: HotViews,
-        producer: CommandProducer,
-    ) -> anyhow::Result<Self> {
+    pub fn new(config: &Config, pool: PgPool, hot: HotViews) -> anyhow::Result<Self> {
+        let producer = dead_letter_producer(config)?;
         let handle = Handle::current();
         let positions = Positions::default();
         let group = group_id(config);
@@ -70,6 +67,7 @@ impl TaskProjector {
                 producer,
                 topic: config.topics.task_events.clone(),
                 dead_letter_topic: config.topics.dead_letter.clone(),
+                dead_letter_max_bytes: dead_letter_max_bytes(&config.topics),
                 projection: crate::tasks::TASK_PROJECTION.to_owned(),
             },
             consumer,
@@ -170,27 +168,28 @@ impl TaskProjector {
         telemetry::record_trace_id(&batch_span);
         let _batch = batch_span.enter();
         let prepared = batch::prepare(records);
-        self.retry("dead_letter", shutdown, || {
+        let forms = self.retry("dead_letter", shutdown, || {
             batch::dead_letter(&self.sinks, records, &prepared)
         })?;
-        for dead in &prepared.dead {
+        for (dead, form) in prepared.dead.iter().zip(forms) {
             let record = &records[dead.index];
             tracing::warn!(
                 partition = record.partition, offset = record.offset,
-                class = dead.class, reason = %dead.message, "task event dead-lettered"
+                class = dead.class, form = form.as_str(), reason = %dead.message, "task event dead-lettered"
             );
             metrics::counter!(m::DLQ_RECORDS, "source" => self.sinks.topic.clone(), "reason" => dead.class)
                 .increment(1);
         }
         let apply_started = Instant::now();
-        let (outcome, already_applied) = self.retry("apply", shutdown, || {
+        let isolated = self.retry("apply", shutdown, || {
             observe(
                 m::POSTGRES_SECONDS,
                 m::POSTGRES_ERRORS,
                 "apply_task_batch",
-                batch::apply(&self.sinks, &prepared),
+                batch::apply_isolating(&self.sinks, records, &prepared),
             )
         })?;
+        let (outcome, already_applied) = (isolated.outcome, isolated.already_applied);
         let projection = self.sinks.projection.clone();
         metrics::histogram!(m::PROJECTOR_APPLY_SECONDS, "projection" => projection.clone())
             .record(apply_started.elapsed().as_secs_f64());
@@ -241,8 +240,8 @@ impl TaskProjector {
 fn register_series(config: &Config, group: &str) {
     let projection = crate::tasks::TASK_PROJECTION;
     let topic = config.topics.task_events.clone();
-    for reason in memos_schemas::DecodeError::CLASSES.iter().chain(&["empty"]) {
-        metrics::counter!(m::DLQ_RECORDS, "source" => topic.clone(), "reason" => *reason).increment(0);
+    for reason in crate::dead_letter_classes() {
+        metrics::counter!(m::DLQ_RECORDS, "source" => topic.clone(), "reason" => reason).increment(0);
     }
     for step in ["dead_letter", "apply", "cache"] {
         metrics::counter!(m::PROJECTOR_RETRIES, "projection" => projection, "step" => step).increment(0);
