@@ -340,24 +340,14 @@ impl TaskCommand {
                 check_name("name", &c.name)?;
                 check_range("version", c.version, 1, i32::MAX)?;
                 check_range("steps", c.steps.len(), 1, MAX_STEPS)?;
-                for (i, step) in c.steps.iter().enumerate() {
-                    check_name(format!("steps[{i}].step_id"), &step.step_id)?;
-                    check_name(format!("steps[{i}].capability"), &step.capability)?;
+                for step in &c.steps {
+                    check_name("steps.step_id", &step.step_id)?;
+                    check_name("steps.capability", &step.capability)?;
                     for dependency in &step.depends_on {
-                        check_name(format!("steps[{i}].depends_on"), dependency)?;
+                        check_name("steps.depends_on", dependency)?;
                     }
-                    check_range(
-                        format!("steps[{i}].timeout_ms"),
-                        step.timeout_ms,
-                        1,
-                        MAX_TIMEOUT_MS,
-                    )?;
-                    check_range(
-                        format!("steps[{i}].max_attempts"),
-                        step.max_attempts,
-                        1,
-                        MAX_ATTEMPTS,
-                    )?;
+                    check_range("steps.timeout_ms", step.timeout_ms, 1, MAX_TIMEOUT_MS)?;
+                    check_range("steps.max_attempts", step.max_attempts, 1, MAX_ATTEMPTS)?;
                 }
                 WorkflowDag::parse(&c.steps).map(|_| ())
             }
@@ -864,9 +854,9 @@ mod tests {
         };
         let cases = [
             (vec![step("a", &["b"]), step("b", &["a"])], "steps", "cycle"),
-            (vec![step("a", &["a"])], "steps[0].depends_on", "itself"),
-            (vec![step("a", &["nope"])], "steps[0].depends_on", "unknown"),
-            (vec![step("a", &[]), step("a", &[])], "steps[1].step_id", "twice"),
+            (vec![step("a", &["a"])], "steps.depends_on", "itself"),
+            (vec![step("a", &["nope"])], "steps.depends_on", "unknown"),
+            (vec![step("a", &[]), step("a", &[])], "steps.step_id", "twice"),
             (
                 (0..=MAX_STEPS).map(|i| step(&format!("s{i}"), &[])).collect(),
                 "steps",

@@ -55,7 +55,7 @@ pub const MAX_TAG_BYTES: usize = 128;
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 #[error("{field}: {message}")]
 pub struct ValidationError {
-    /// The offending field, as the API names it (`metadata`, `steps[2].depends_on`).
+    /// The offending field, as the API names it (`metadata`, `payload.rows[2]`, `steps.depends_on`).
     pub field: Cow<'static, str>,
     pub message: String,
 }
@@ -393,28 +393,28 @@ impl WorkflowDag {
         for (i, step) in steps.iter().enumerate() {
             if index.insert(step.step_id.as_str(), i).is_some() {
                 return Err(ValidationError::new(
-                    format!("steps[{i}].step_id"),
+                    "steps.step_id",
                     format!("step id {:?} is used twice", step.step_id),
                 ));
             }
         }
-        for (i, step) in steps.iter().enumerate() {
+        for step in steps {
             if step.depends_on.len() > MAX_STEPS {
                 return Err(ValidationError::new(
-                    format!("steps[{i}].depends_on"),
+                    "steps.depends_on",
                     format!("too large: at most {MAX_STEPS} dependencies"),
                 ));
             }
             for dependency in &step.depends_on {
                 if *dependency == step.step_id {
                     return Err(ValidationError::new(
-                        format!("steps[{i}].depends_on"),
+                        "steps.depends_on",
                         format!("step {:?} depends on itself", step.step_id),
                     ));
                 }
                 if !index.contains_key(dependency.as_str()) {
                     return Err(ValidationError::new(
-                        format!("steps[{i}].depends_on"),
+                        "steps.depends_on",
                         format!("step {:?} depends on unknown step {dependency:?}", step.step_id),
                     ));
                 }
@@ -661,13 +661,13 @@ mod tests {
 
         let cases: Vec<(Vec<WorkflowStep>, &str, &str)> = vec![
             (vec![], "steps", "1 to"),
-            (vec![step("a", &["a"])], "steps[0].depends_on", "itself"),
+            (vec![step("a", &["a"])], "steps.depends_on", "itself"),
             (
                 vec![step("a", &[]), step("b", &["z"])],
-                "steps[1].depends_on",
+                "steps.depends_on",
                 "unknown step \"z\"",
             ),
-            (vec![step("a", &[]), step("a", &[])], "steps[1].step_id", "twice"),
+            (vec![step("a", &[]), step("a", &[])], "steps.step_id", "twice"),
             (
                 vec![step("a", &["c"]), step("b", &["a"]), step("c", &["b"])],
                 "steps",
