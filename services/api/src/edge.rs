@@ -5,9 +5,10 @@
 //!
 //! - headers must arrive within `http.header_read_timeout`, or the connection is closed
 //!   ([`serve`], hyper's header timer);
-//! - the body must arrive within `http.body_read_timeout` (`408 request_timeout`), and a body
-//!   declared larger than `http.max_body_bytes` is refused before it is read (`413`)
-//!   ([`read_body`]);
+//! - the body must arrive within `http.body_read_timeout` (`408 request_timeout`); one larger
+//!   than `http.max_body_bytes` is `413` (read and discarded first when it is declared at most
+//!   four times the limit, so the client reads the answer instead of a reset; refused before
+//!   any byte is read beyond that) ([`read_body`]);
 //! - the whole request within `http.request_timeout` (`503 timeout`) ([`limit_time`]);
 //! - at most `http.max_concurrent_requests` `/v1` requests at once; beyond, `503 overloaded`
 //!   with `Retry-After` at once, never a queue ([`limit_concurrency`]);
@@ -102,28 +103,65 @@ fn too_large() -> Response {
     .into_response()
 }
 
+/// Bodies declared up to this many times `http.max_body_bytes` are read (and discarded)
+/// before their `413`: a client still writing its body when the server closes the
+/// connection would see a reset instead of the answer. Larger declarations are refused at
+/// once.
+const DRAIN_FACTOR: usize = 4;
+
+/// What reading a body came to.
+enum Read {
+    Complete(Bytes),
+    /// Over `http.max_body_bytes`; read to its end (or past the drain bound).
+    TooLarge,
+    Failed(axum::Error),
+}
+
+/// Reads `body`, keeping at most `limit` bytes; past it, discards up to `drain` bytes more.
+async fn read_within(mut body: Body, limit: usize, drain: usize) -> Read {
+    use http_body_util::BodyExt;
+    let mut kept = Vec::new();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(e) => return Read::Failed(e),
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        total += data.len();
+        if total > drain {
+            return Read::TooLarge;
+        }
+        if total <= limit {
+            kept.extend_from_slice(&data);
+        }
+    }
+    if total > limit {
+        Read::TooLarge
+    } else {
+        Read::Complete(Bytes::from(kept))
+    }
+}
+
 /// Reads the whole body within `http.body_read_timeout` before the handler runs, so a client
-/// that declares a body and sends it slowly (or never) gets `408` instead of holding a task.
+/// that declares a body and sends it slowly (or never) gets `408` instead of holding a task,
+/// and one over `http.max_body_bytes` gets `413`.
 pub async fn read_body(State(edge): State<Edge>, request: Request, next: Next) -> Response {
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > edge.max_body_bytes as u64) {
+    let drain = edge.max_body_bytes.saturating_mul(DRAIN_FACTOR);
+    if declared.is_some_and(|n| n > drain as u64) {
         return too_large();
     }
     let (parts, body) = request.into_parts();
-    let read = axum::body::to_bytes(body, edge.max_body_bytes);
-    let bytes: Bytes = match tokio::time::timeout(edge.body_read_timeout, read).await {
-        Ok(Ok(bytes)) => bytes,
-        Ok(Err(e)) => {
-            // A body without Content-Length (chunked) that grows past the limit.
-            let over_limit =
-                std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if over_limit {
-                return too_large();
-            }
+    let read = read_within(body, edge.max_body_bytes, drain);
+    let bytes = match tokio::time::timeout(edge.body_read_timeout, read).await {
+        Ok(Read::Complete(bytes)) => bytes,
+        Ok(Read::TooLarge) => return too_large(),
+        Ok(Read::Failed(e)) => {
             return ApiError::bad_request(format!("cannot read the request body: {e}")).into_response();
         }
         Err(_) => {
