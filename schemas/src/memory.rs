@@ -760,6 +760,21 @@ mod evolution {
         );
     }
 
+    /// A record cut short anywhere after its header never decodes: it names a writer
+    /// schema whose fields it does not hold.
+    #[test]
+    fn a_truncated_record_never_decodes() {
+        let bytes = MemoryCommand::Write(sample()).encode().unwrap();
+        for cut in 10..bytes.len() {
+            let decoded = MemoryCommand::decode(&bytes[..cut]);
+            assert!(
+                decoded.is_err(),
+                "{cut} of {} bytes decoded: {decoded:?}",
+                bytes.len()
+            );
+        }
+    }
+
     #[test]
     fn every_command_round_trips() {
         let header = |id: &str| (id.to_owned(), "agent-7".to_owned(), "agent-7".to_owned());

@@ -348,17 +348,34 @@ impl Registry {
             schema: writer.kind.full_name(),
             message: e.to_string(),
         };
+        // apache-avro 0.22 reads a union at the end of its input as null instead of failing,
+        // so a record cut before a trailing optional field would decode as a different
+        // command. One sentinel byte after the body turns that end into a byte to read: a
+        // whole record leaves exactly the sentinel unread, a truncated one does not.
+        let mut framed = Vec::with_capacity(body.len() + 1);
+        framed.extend_from_slice(body);
+        framed.push(0);
+        body = framed.as_slice();
         let value = GenericDatumReader::builder(&writer.schema)
             .reader_schema(&reader.schema)
             .build()
             .map_err(malformed)?
             .read_value(&mut body)
             .map_err(malformed)?;
-        if !body.is_empty() {
-            return Err(DecodeError::Malformed {
-                schema: writer.kind.full_name(),
-                message: format!("{} trailing bytes after the record", body.len()),
-            });
+        match body.len() {
+            1 => {}
+            0 => {
+                return Err(DecodeError::Malformed {
+                    schema: writer.kind.full_name(),
+                    message: "the record ends before its last field".into(),
+                });
+            }
+            n => {
+                return Err(DecodeError::Malformed {
+                    schema: writer.kind.full_name(),
+                    message: format!("{} trailing bytes after the record", n - 1),
+                });
+            }
         }
         Ok((writer.kind, value))
     }

@@ -344,7 +344,18 @@ async fn hostile_inputs_interleaved_with_valid_ones_are_each_applied_refused_or_
     .await?;
 
     // Every hostile record is in the dead-letter topic, with its origin, class and message.
-    let letters = read_letters(&env, ledger.memory_letters.len() + ledger.task_letters.len())?;
+    let expected: BTreeSet<(String, i32, i64)> = ledger
+        .memory_letters
+        .iter()
+        .map(|(p, o)| (env.commands_topic.clone(), *p, *o))
+        .chain(
+            ledger
+                .task_letters
+                .iter()
+                .map(|(p, o)| (env.task_commands_topic.clone(), *p, *o)),
+        )
+        .collect();
+    let letters = read_letters(&env, &expected)?;
     for (origin, expected) in [
         (&env.commands_topic, &ledger.memory_letters),
         (&env.task_commands_topic, &ledger.task_letters),
@@ -545,8 +556,10 @@ struct Letter {
     message: String,
 }
 
-/// Reads the dead-letter topic until `at_least` letters or its end.
-fn read_letters(env: &TestEnv, at_least: usize) -> anyhow::Result<Vec<Letter>> {
+/// Reads the dead-letter topic until it holds a letter for every origin in `expected` (a
+/// record may have two: a letter is sent again when its offset did not move before a retry),
+/// or until the deadline.
+fn read_letters(env: &TestEnv, expected: &BTreeSet<(String, i32, i64)>) -> anyhow::Result<Vec<Letter>> {
     let consumer: BaseConsumer = env
         .kafka_config()
         .set("group.id", format!("{}-adversarial-dlq", env.group_id))
@@ -556,7 +569,8 @@ fn read_letters(env: &TestEnv, at_least: usize) -> anyhow::Result<Vec<Letter>> {
     consumer.subscribe(&[env.dead_letter_topic.as_str()])?;
     let mut letters = Vec::new();
     let deadline = std::time::Instant::now() + WAIT;
-    while letters.len() < at_least && std::time::Instant::now() < deadline {
+    let mut missing = expected.clone();
+    while !missing.is_empty() && std::time::Instant::now() < deadline {
         let Some(message) = consumer.poll(Duration::from_millis(200)) else {
             continue;
         };
@@ -568,13 +582,15 @@ fn read_letters(env: &TestEnv, at_least: usize) -> anyhow::Result<Vec<Letter>> {
                 .map(|v| String::from_utf8_lossy(v).into_owned())
                 .unwrap_or_default()
         };
-        letters.push(Letter {
+        let letter = Letter {
             topic: header("memos-dlq-origin-topic"),
             partition: header("memos-dlq-origin-partition").parse().unwrap_or(-1),
             offset: header("memos-dlq-origin-offset").parse().unwrap_or(-1),
             class: header("memos-dlq-error-class"),
             message: header("memos-dlq-error-message"),
-        });
+        };
+        missing.remove(&(letter.topic.clone(), letter.partition, letter.offset));
+        letters.push(letter);
     }
     Ok(letters)
 }
