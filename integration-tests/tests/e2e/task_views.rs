@@ -573,10 +573,16 @@ async fn restarts_leave_redis_equal_to_postgresql_and_rebuilds_equal_rows() -> a
     // The restarted projection rewrites the agent from PostgreSQL before its first batch.
     let mut projector = MemosProcess::start(&env, "projector", &[]).await?;
     until_inbox(&env, "rs-a1", &["rs-t2"]).await?;
-    let synced: (i64, i64) =
-        sqlx::query_as("SELECT revision, synced_revision FROM agent_view_revisions WHERE agent_id = 'rs-a1'")
-            .fetch_one(&env.pool)
-            .await?;
+    // The synced revision is recorded after the Redis write it stands for.
+    let synced = eventually("the resync recorded", WAIT, || async {
+        let synced: (i64, i64) = sqlx::query_as(
+            "SELECT revision, synced_revision FROM agent_view_revisions WHERE agent_id = 'rs-a1'",
+        )
+        .fetch_one(&env.pool)
+        .await?;
+        Ok((synced.1 >= revision).then_some(synced))
+    })
+    .await?;
     assert_eq!(synced, (revision, revision));
     // Nothing was applied twice across the restarts.
     let (rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM task_events")
