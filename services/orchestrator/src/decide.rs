@@ -246,39 +246,6 @@ impl<'a> Decision<'a> {
     }
 }
 
-/// Validates a template's steps: unique ids, known dependencies, no cycle.
-fn check_dag(steps: &[WorkflowStep]) -> Result<(), String> {
-    let ids: std::collections::BTreeSet<&str> = steps.iter().map(|s| s.step_id.as_str()).collect();
-    if ids.len() != steps.len() {
-        return Err("step ids must be unique".into());
-    }
-    for step in steps {
-        if let Some(missing) = step.depends_on.iter().find(|d| !ids.contains(d.as_str())) {
-            return Err(format!("step {} depends on unknown step {missing}", step.step_id));
-        }
-    }
-    // Kahn: repeatedly take the steps whose dependencies are all taken.
-    let mut done: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
-    while done.len() < steps.len() {
-        let next: Vec<&str> = steps
-            .iter()
-            .filter(|s| !done.contains(s.step_id.as_str()))
-            .filter(|s| s.depends_on.iter().all(|d| done.contains(d.as_str())))
-            .map(|s| s.step_id.as_str())
-            .collect();
-        if next.is_empty() {
-            let cyclic: Vec<&str> = steps
-                .iter()
-                .map(|s| s.step_id.as_str())
-                .filter(|s| !done.contains(s))
-                .collect();
-            return Err(format!("the steps form a cycle: {}", cyclic.join(", ")));
-        }
-        done.extend(next);
-    }
-    Ok(())
-}
-
 /// Decides one command of `partition` at partition time `now`.
 pub fn decide(state: &mut State, partition: i32, now: i64, command: &TaskCommand) -> Vec<TaskEvent> {
     if matches!(command, TaskCommand::Tick(_)) || state.seen(command.command_id()) {
@@ -418,9 +385,8 @@ pub fn decide(state: &mut State, partition: i32, now: i64, command: &TaskCommand
                         format!("template {} version {} exists", c.name, c.version),
                     );
                 }
-            } else if let Err(reason) = check_dag(&c.steps) {
-                d.reject(command, reason);
             } else {
+                // The steps form a DAG: `validate` checked them (`validate::WorkflowDag`).
                 let mut event = d.event(E::TemplateDefined);
                 event.data_json =
                     Some(json!({"name": c.name, "version": c.version, "steps": c.steps}).to_string());
@@ -617,7 +583,7 @@ fn assign_waiting(d: &mut Decision<'_>, rules: &Rules) {
 
 #[cfg(test)]
 mod tests {
-    use memos_schemas::task::{DelegateTask, RegisterAgent};
+    use memos_schemas::task::{DefineWorkflowTemplate, DelegateTask, RegisterAgent};
 
     use super::*;
 
@@ -784,21 +750,33 @@ mod tests {
             timeout_ms: 1,
             max_attempts: 1,
         };
-        assert!(check_dag(&[step("a", &[]), step("b", &["a"]), step("c", &["a", "b"])]).is_ok());
-        assert!(
-            check_dag(&[step("a", &["c"]), step("b", &["a"]), step("c", &["b"])])
-                .unwrap_err()
-                .contains("cycle")
+        let define = |steps: Vec<WorkflowStep>| {
+            TaskCommand::DefineTemplate(DefineWorkflowTemplate {
+                command_id: uuid::Uuid::new_v4().to_string(),
+                actor: "boss".into(),
+                issued_at: 0,
+                traceparent: None,
+                name: "t".into(),
+                version: 1,
+                steps,
+            })
+        };
+        let reason = |steps| {
+            let mut state = State::new();
+            let events = decide(&mut state, 0, 0, &define(steps));
+            assert_eq!(events.len(), 1, "{events:?}");
+            events[0].reason.clone().unwrap_or_default()
+        };
+        let mut state = State::new();
+        let events = decide(
+            &mut state,
+            0,
+            0,
+            &define(vec![step("a", &[]), step("b", &["a"]), step("c", &["a", "b"])]),
         );
-        assert!(
-            check_dag(&[step("a", &["z"])])
-                .unwrap_err()
-                .contains("unknown step z")
-        );
-        assert!(
-            check_dag(&[step("a", &[]), step("a", &[])])
-                .unwrap_err()
-                .contains("unique")
-        );
+        assert_eq!(events[0].event_type, E::TemplateDefined, "{events:?}");
+        assert!(reason(vec![step("a", &["c"]), step("b", &["a"]), step("c", &["b"])]).contains("cycle"));
+        assert!(reason(vec![step("a", &["z"])]).contains("unknown"));
+        assert!(reason(vec![step("a", &[]), step("a", &[])]).contains("twice"));
     }
 }
