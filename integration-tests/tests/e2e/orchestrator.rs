@@ -671,3 +671,104 @@ async fn a_full_inbox_is_served_whole() -> anyhow::Result<()> {
     env.cleanup().await;
     Ok(())
 }
+
+/// Workflows started on partitions read before their template's partition, then the
+/// orchestrator killed and restarted: its state is rebuilt by reading the events partitions
+/// one after the other, and every workflow still runs to completion (before, a start read
+/// before its template had no steps, and its workflow never finished).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workflows_finish_after_a_restart_whatever_partition_their_template_is_on() -> anyhow::Result<()> {
+    const WORKFLOWS: usize = 16;
+    let env = TestEnv::new().await?;
+    let mut first = orchestrator(&env, "one", "600s").await?;
+    let client = TaskClient::new(&env)?;
+    let topic = env.task_events_topic.clone();
+    client.register("worker", &["work"], 1000).await?;
+    // Templates land on the partition of their name: take the one on the highest partition,
+    // so that workflows on lower partitions are read before it.
+    for n in 0..8 {
+        client
+            .define(
+                &format!("pipeline-{n}"),
+                &[("first", "work", &[]), ("second", "work", &["first"])],
+            )
+            .await?;
+    }
+    let log = read(EventLog::new(&env)?, topic.clone(), "templates defined", |e| {
+        e.iter()
+            .filter(|(_, _, e)| e.event_type == E::TemplateDefined)
+            .count()
+            >= 8
+    })
+    .await?;
+    let (template_partition, template) = log
+        .events
+        .iter()
+        .filter(|(_, _, e)| e.event_type == E::TemplateDefined)
+        .map(|(p, _, e)| {
+            let data: serde_json::Value = serde_json::from_str(e.data_json.as_deref().unwrap()).unwrap();
+            (*p, data["name"].as_str().unwrap().to_owned())
+        })
+        .max()
+        .expect("templates");
+    for n in 0..WORKFLOWS {
+        client
+            .start_workflow(&format!("wf-{n}"), &template, json!({"n": n}))
+            .await?;
+    }
+    let log = read(log, topic.clone(), "first steps assigned", |e| {
+        (0..WORKFLOWS).all(|n| has(e, E::TaskAssigned, &format!("wf-{n}/first")))
+    })
+    .await?;
+    let earlier: Vec<i32> = log
+        .events
+        .iter()
+        .filter(|(p, _, e)| e.event_type == E::WorkflowStarted && *p < template_partition)
+        .map(|(p, _, _)| *p)
+        .collect();
+    assert!(
+        !earlier.is_empty(),
+        "no workflow on a partition before the template's ({template_partition}): the test could not fail"
+    );
+
+    first.kill()?;
+    let _second = orchestrator(&env, "one", "600s").await?;
+    for n in 0..WORKFLOWS {
+        client
+            .complete(
+                &format!("wf-{n}/first"),
+                "worker",
+                Some(&format!("wf-{n}")),
+                json!(n),
+            )
+            .await?;
+    }
+    let log = read(log, topic.clone(), "second steps assigned", |e| {
+        (0..WORKFLOWS).all(|n| has(e, E::TaskAssigned, &format!("wf-{n}/second")))
+    })
+    .await?;
+    for n in 0..WORKFLOWS {
+        client
+            .complete(
+                &format!("wf-{n}/second"),
+                "worker",
+                Some(&format!("wf-{n}")),
+                json!(n),
+            )
+            .await?;
+    }
+    let log = read(log, topic, "every workflow completed", |e| {
+        e.iter()
+            .filter(|(_, _, e)| e.event_type == E::WorkflowCompleted)
+            .count()
+            >= WORKFLOWS
+    })
+    .await?;
+    let completed: BTreeSet<String> = log
+        .of(E::WorkflowCompleted)
+        .filter_map(|e| e.workflow_id.clone())
+        .collect();
+    assert_eq!(completed.len(), WORKFLOWS, "{completed:?}");
+    env.cleanup().await;
+    Ok(())
+}

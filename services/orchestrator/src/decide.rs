@@ -179,7 +179,7 @@ impl<'a> Decision<'a> {
         let Some(workflow) = self.state.workflows.get(workflow_id) else {
             return;
         };
-        if workflow.status != WorkflowStatus::Running {
+        if workflow.status != WorkflowStatus::Running || workflow.awaiting_template {
             return;
         }
         if workflow.results.len() == workflow.steps.len() {
@@ -406,6 +406,8 @@ pub fn decide(state: &mut State, partition: i32, now: i64, command: &TaskCommand
                 d.reject(command, format!("workflow {} exists", c.workflow_id));
             } else if let Some(version) = version {
                 let input: Value = serde_json::from_str(&c.input_json).unwrap_or(Value::Null);
+                // The start carries its steps, so folding it needs no other partition.
+                let steps = &d.state.templates[&c.template][&version];
                 let mut event = d.event(E::WorkflowStarted);
                 event.workflow_id = Some(c.workflow_id.clone());
                 event.data_json = Some(
@@ -414,6 +416,7 @@ pub fn decide(state: &mut State, partition: i32, now: i64, command: &TaskCommand
                         "template_version": version,
                         "input": input,
                         "priority": c.priority,
+                        "steps": steps,
                     })
                     .to_string(),
                 );
@@ -583,7 +586,11 @@ fn assign_waiting(d: &mut Decision<'_>, rules: &Rules) {
 
 #[cfg(test)]
 mod tests {
-    use memos_schemas::task::{DefineWorkflowTemplate, DelegateTask, RegisterAgent};
+    use std::collections::BTreeMap;
+
+    use memos_schemas::task::{
+        CompleteTask, DefineWorkflowTemplate, DelegateTask, RegisterAgent, StartWorkflow,
+    };
 
     use super::*;
 
@@ -778,5 +785,171 @@ mod tests {
         assert!(reason(vec![step("a", &["c"]), step("b", &["a"]), step("c", &["b"])]).contains("cycle"));
         assert!(reason(vec![step("a", &["z"])]).contains("unknown"));
         assert!(reason(vec![step("a", &[]), step("a", &[])]).contains("twice"));
+    }
+
+    /// What decisions depend on, in a form that compares across instances.
+    fn summary(state: &State) -> String {
+        let mut out = String::new();
+        let mut workflows: Vec<_> = state.workflows.values().collect();
+        workflows.sort_by(|a, b| a.id.cmp(&b.id));
+        for w in workflows {
+            let steps: Vec<&str> = w.steps.iter().map(|s| s.step_id.as_str()).collect();
+            out += &format!(
+                "workflow {} {:?} steps {steps:?} released {:?} results {:?} awaiting {}\n",
+                w.id, w.status, w.released, w.results, w.awaiting_template
+            );
+        }
+        let mut tasks: Vec<_> = state.tasks.values().collect();
+        tasks.sort_by(|a, b| a.id.cmp(&b.id));
+        for t in tasks {
+            out += &format!(
+                "task {} {:?} {:?} attempt {}\n",
+                t.id, t.status, t.agent, t.attempt
+            );
+        }
+        for a in state.agents.values() {
+            out += &format!("agent {} {:?} holding {:?}\n", a.id, a.status, a.holding);
+        }
+        let waiting: BTreeMap<i32, Vec<&String>> = state
+            .pending
+            .iter()
+            .map(|(p, set)| (*p, set.iter().map(|(_, _, id)| id).collect()))
+            .collect();
+        out += &format!("pending {waiting:?}\norphans {:?}\n", state.orphans);
+        out += &format!("deadlines {:?}\nstats {:?}\n", state.deadlines, state.stats);
+        out
+    }
+
+    fn permutations(items: &[i32]) -> Vec<Vec<i32>> {
+        if items.len() <= 1 {
+            return vec![items.to_vec()];
+        }
+        let mut all = Vec::new();
+        for (i, first) in items.iter().enumerate() {
+            let mut rest = items.to_vec();
+            rest.remove(i);
+            for mut tail in permutations(&rest) {
+                tail.insert(0, *first);
+                all.push(tail);
+            }
+        }
+        all
+    }
+
+    /// A rebuild reads the events partitions one after the other: whichever order it reads
+    /// them in, it folds to the state the deciding instance had, and decides the same next.
+    /// (On the old fold, a workflow read before its template's partition had no steps and
+    /// never finished: issue "Faults" 1.)
+    #[test]
+    fn the_state_rebuilt_from_the_log_does_not_depend_on_the_order_partitions_are_read_in() {
+        let step = |id: &str, deps: &[&str]| WorkflowStep {
+            step_id: id.into(),
+            capability: "x".into(),
+            depends_on: deps.iter().map(|d| d.to_string()).collect(),
+            timeout_ms: 60_000,
+            max_attempts: 2,
+        };
+        let template = TaskCommand::DefineTemplate(DefineWorkflowTemplate {
+            command_id: id(100),
+            actor: "boss".into(),
+            issued_at: 0,
+            traceparent: None,
+            name: "etl".into(),
+            version: 1,
+            steps: vec![step("extract", &[]), step("load", &["extract"])],
+        });
+        let start = |n: u64, workflow: &str| {
+            TaskCommand::StartWorkflow(StartWorkflow {
+                command_id: id(n),
+                actor: "boss".into(),
+                issued_at: 0,
+                traceparent: None,
+                workflow_id: workflow.into(),
+                template: "etl".into(),
+                template_version: None,
+                input_json: "{}".into(),
+                priority: 0,
+            })
+        };
+        let complete = |n: u64, task: &str, agent: &str| {
+            TaskCommand::Complete(CompleteTask {
+                command_id: id(n),
+                actor: agent.into(),
+                issued_at: 0,
+                traceparent: None,
+                task_id: task.into(),
+                agent_id: agent.into(),
+                workflow_id: None,
+                result_json: r#"{"ok":true}"#.into(),
+            })
+        };
+        // Template on partition 2, agents on 0 and 2, workflows and a task on 0 and 1.
+        let script: Vec<(i32, TaskCommand)> = vec![
+            (2, template),
+            (2, agent(1, "a", 2)),
+            (0, agent(2, "b", 2)),
+            (0, start(3, "w0")),
+            (1, start(4, "w1")),
+            (1, task(5, "t1", 0, 60_000, 2)),
+        ];
+        let mut live = State::new();
+        let mut log: BTreeMap<i32, Vec<TaskEvent>> = BTreeMap::new();
+        let mut run_on = |live: &mut State, partition: i32, command: &TaskCommand| {
+            let events = decide(live, partition, 1000, command);
+            log.entry(partition).or_default().extend(events);
+            for p in 0..3 {
+                let reconciled = reconcile(live, &RULES, p, 1000);
+                log.entry(p).or_default().extend(reconciled);
+            }
+        };
+        for (partition, command) in &script {
+            run_on(&mut live, *partition, command);
+        }
+        let agent_of = |state: &State, task: &str| state.tasks[task].agent.clone().unwrap();
+        let holder = agent_of(&live, "w0/extract");
+        run_on(&mut live, 0, &complete(6, "w0/extract", &holder));
+        let log = log;
+        assert!(live.tasks.contains_key("w0/load"), "{}", summary(&live));
+
+        // Starts written before starts carried their steps: the same log without them.
+        let mut legacy = log.clone();
+        for event in legacy.values_mut().flatten() {
+            if event.event_type == E::WorkflowStarted {
+                let mut data: Value = serde_json::from_str(event.data_json.as_deref().unwrap()).unwrap();
+                assert!(data["steps"].is_array(), "a start carries its steps");
+                data.as_object_mut().unwrap().remove("steps");
+                event.data_json = Some(data.to_string());
+            }
+        }
+
+        let expected = summary(&live);
+        for (name, log) in [("current", &log), ("legacy", &legacy)] {
+            for order in permutations(&[0, 1, 2]) {
+                let mut rebuilt = State::new();
+                for p in &order {
+                    for event in &log[p] {
+                        rebuilt.apply(*p, event);
+                    }
+                }
+                assert_eq!(summary(&rebuilt), expected, "{name} log read in order {order:?}");
+                // And it decides the rest of the workflows as the live instance would.
+                let holder = agent_of(&rebuilt, "w0/load");
+                let events = decide(&mut rebuilt, 0, 2000, &complete(7, "w0/load", &holder));
+                let kinds: Vec<E> = events.iter().map(|e| e.event_type).collect();
+                assert_eq!(
+                    kinds,
+                    [E::TaskCompleted, E::WorkflowCompleted],
+                    "{name} {order:?}"
+                );
+                let holder = agent_of(&rebuilt, "w1/extract");
+                let events = decide(&mut rebuilt, 1, 2000, &complete(8, "w1/extract", &holder));
+                let kinds: Vec<E> = events.iter().map(|e| e.event_type).collect();
+                assert_eq!(
+                    kinds,
+                    [E::TaskCompleted, E::WorkflowStepReady, E::TaskAccepted],
+                    "{name} {order:?}"
+                );
+            }
+        }
     }
 }

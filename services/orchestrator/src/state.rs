@@ -9,7 +9,15 @@
 //!   preferred_agent}`; `TASK_ASSIGNED`: `{payload, priority, deadline}`;
 //!   `TASK_COMPLETED`: `{result, duration_ms}`; `TASK_FAILED`: `{retriable}`.
 //! - `TEMPLATE_DEFINED`: `{name, version, steps}`; `WORKFLOW_STARTED`: `{template,
-//!   template_version, input, priority}`; `WORKFLOW_COMPLETED`: `{results, duration_ms}`.
+//!   template_version, input, priority, steps}`; `WORKFLOW_COMPLETED`: `{results, duration_ms}`.
+//!
+//! The state does not depend on the order partitions are read in: the events of one
+//! partition are folded in their order, but a rebuild reads the partitions one after the
+//! other, so an event may be folded before an event of another partition that it refers to.
+//! Such references are resolved whichever comes first: a workflow's start carries the steps
+//! it runs (starts written before they did take them from the template, and wait for it if
+//! it has not been folded yet; a workflow whose steps are not known is never advanced), and
+//! an assignment to an agent not folded yet counts against that agent once it is.
 //! - `AGENT_REGISTERED`: `{capabilities, max_concurrent, metadata}`.
 
 use std::cmp::Reverse;
@@ -97,6 +105,10 @@ pub struct Workflow {
     pub priority: i32,
     pub status: WorkflowStatus,
     pub started_at: i64,
+    /// The start named a template version that has not been folded yet (a start written
+    /// before starts carried their steps, read before its template's partition): `steps`
+    /// is empty until it is, and the workflow is not advanced.
+    pub awaiting_template: bool,
     /// Steps that have been made tasks.
     pub released: BTreeSet<String>,
     pub results: BTreeMap<String, Value>,
@@ -126,6 +138,10 @@ pub struct State {
     pub templates: BTreeMap<String, BTreeMap<i32, Vec<WorkflowStep>>>,
     pub tasks: HashMap<String, Task>,
     pub workflows: HashMap<String, Workflow>,
+    /// Workflows per template version they wait for (see [`Workflow::awaiting_template`]).
+    awaiting_template: BTreeMap<(String, i32), BTreeSet<String>>,
+    /// Tasks assigned to agents whose registration has not been folded yet.
+    unattached: HashMap<String, BTreeSet<String>>,
     /// Waiting tasks per partition, highest priority first, then in order of acceptance.
     pub(crate) pending: BTreeMap<i32, BTreeSet<(Reverse<i32>, u64, String)>>,
     /// Assigned or running tasks per partition by deadline.
@@ -184,10 +200,20 @@ impl State {
         let Some(task) = self.tasks.get_mut(task_id) else {
             return;
         };
-        if let Some(agent) = task.agent.take()
-            && let Some(agent) = self.agents.get_mut(&agent)
-        {
-            agent.holding.remove(task_id);
+        if let Some(agent_id) = task.agent.take() {
+            match self.agents.get_mut(&agent_id) {
+                Some(agent) => {
+                    agent.holding.remove(task_id);
+                }
+                None => {
+                    if let Some(held) = self.unattached.get_mut(&agent_id) {
+                        held.remove(task_id);
+                        if held.is_empty() {
+                            self.unattached.remove(&agent_id);
+                        }
+                    }
+                }
+            }
         }
         if let Some(set) = self.deadlines.get_mut(&task.partition) {
             set.remove(&(task.deadline, task_id.to_owned()));
@@ -225,14 +251,15 @@ impl State {
         let agent_id = event.agent_id.clone().unwrap_or_default();
         match event.event_type {
             E::AgentRegistered => {
+                let unattached = &mut self.unattached;
                 let agent = self.agents.entry(agent_id.clone()).or_insert_with(|| Agent {
+                    holding: unattached.remove(&agent_id).unwrap_or_default(),
                     id: agent_id,
                     capabilities: BTreeSet::new(),
                     max_concurrent: 1,
                     status: AgentStatus::Alive,
                     last_heartbeat: event.at,
                     home: partition,
-                    holding: BTreeSet::new(),
                 });
                 agent.capabilities = string_set(&d["capabilities"]);
                 agent.max_concurrent = d["max_concurrent"].as_u64().unwrap_or(1) as usize;
@@ -297,8 +324,21 @@ impl State {
                     .entry(task.partition)
                     .or_default()
                     .insert((task.deadline, task_id.clone()));
-                if let Some(agent) = self.agents.get_mut(&agent_id) {
-                    agent.holding.insert(task_id);
+                match self.agents.get_mut(&agent_id) {
+                    Some(agent) => {
+                        // Assigned (in the deciding instance's view) before the agent was
+                        // lost or left: the loss was folded first, so orphan it here.
+                        if agent.status != AgentStatus::Alive {
+                            self.orphans
+                                .entry(task.partition)
+                                .or_default()
+                                .insert(task_id.clone());
+                        }
+                        agent.holding.insert(task_id);
+                    }
+                    None => {
+                        self.unattached.entry(agent_id).or_default().insert(task_id);
+                    }
                 }
             }
             E::TaskStarted => {
@@ -363,25 +403,45 @@ impl State {
                 let steps: Vec<WorkflowStep> = serde_json::from_value(d["steps"].clone()).unwrap_or_default();
                 let name = d["name"].as_str().unwrap_or_default().to_owned();
                 let version = d["version"].as_i64().unwrap_or(1) as i32;
+                for workflow_id in self
+                    .awaiting_template
+                    .remove(&(name.clone(), version))
+                    .unwrap_or_default()
+                {
+                    if let Some(workflow) = self.workflows.get_mut(&workflow_id) {
+                        workflow.steps = steps.clone();
+                        workflow.awaiting_template = false;
+                    }
+                }
                 self.templates.entry(name).or_default().insert(version, steps);
             }
             E::WorkflowStarted => {
                 let id = event.workflow_id.clone().unwrap_or_default();
                 let template = d["template"].as_str().unwrap_or_default().to_owned();
                 let version = d["template_version"].as_i64().unwrap_or(1) as i32;
-                let steps = self
-                    .templates
-                    .get(&template)
-                    .and_then(|t| t.get(&version))
-                    .cloned()
-                    .unwrap_or_default();
+                let steps = match serde_json::from_value::<Vec<WorkflowStep>>(d["steps"].clone()) {
+                    Ok(steps) => Some(steps),
+                    Err(_) => self
+                        .templates
+                        .get(&template)
+                        .and_then(|t| t.get(&version))
+                        .cloned(),
+                };
+                let awaiting_template = steps.is_none();
+                if awaiting_template {
+                    self.awaiting_template
+                        .entry((template.clone(), version))
+                        .or_default()
+                        .insert(id.clone());
+                }
                 self.workflows.insert(
                     id.clone(),
                     Workflow {
                         id,
                         template,
                         template_version: version,
-                        steps,
+                        steps: steps.unwrap_or_default(),
+                        awaiting_template,
                         input: d["input"].clone(),
                         priority: d["priority"].as_i64().unwrap_or(0) as i32,
                         status: WorkflowStatus::Running,
