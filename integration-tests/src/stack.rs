@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -173,9 +175,31 @@ impl TestEnv {
         Ok(())
     }
 
-    /// Drops this test's database (best effort; the topics stay, they are cheap).
+    /// Drops this test's database and deletes its topics (best effort): a broker that keeps
+    /// every test's partitions takes minutes to start after a few suite runs.
     pub async fn cleanup(self) {
         self.pool.close().await;
+        let prefix = self.commands_topic.trim_end_matches("memory.commands").to_owned();
+        let config = self.kafka_config();
+        let listed = config.clone();
+        let topics = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
+            let consumer: BaseConsumer = listed.create()?;
+            let metadata = consumer.fetch_metadata(None, Duration::from_secs(10))?;
+            Ok(metadata
+                .topics()
+                .iter()
+                .map(|t| t.name().to_owned())
+                .filter(|name| name.starts_with(&prefix))
+                .collect())
+        })
+        .await;
+        if let (Ok(Ok(topics)), Ok(admin)) = (topics, config.create::<AdminClient<DefaultClientContext>>())
+            && !topics.is_empty()
+        {
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+            let _ = admin.delete_topics(&names, &options).await;
+        }
         if let Ok(mut admin) = PgConnection::connect(&self.admin_url).await {
             let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
