@@ -772,3 +772,65 @@ async fn workflows_finish_after_a_restart_whatever_partition_their_template_is_o
     env.cleanup().await;
     Ok(())
 }
+
+/// A workflow whose steps' results are together larger than an event may be: the step that
+/// joins them gets their tasks' ids, and the completion names the steps' tasks, instead of
+/// copies of the results (before, the events topic refused the events, the transaction
+/// aborted, and the orchestrator restarted forever on the same decision).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_whose_results_exceed_an_event_completes() -> anyhow::Result<()> {
+    // Results are at most 64 KiB each: twenty of 60 KB are more than the 1 MiB records.
+    const FAN: usize = 20;
+    let env = TestEnv::new().await?;
+    let orchestrator = orchestrator(&env, "one", "600s").await?;
+    let client = TaskClient::new(&env)?;
+    let topic = env.task_events_topic.clone();
+    client.register("worker", &["work"], 100).await?;
+    let names: Vec<String> = (0..FAN).map(|n| format!("s{n}")).collect();
+    let parts: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut steps: Vec<(&str, &str, &[&str])> = parts.iter().map(|n| (*n, "work", &[][..])).collect();
+    steps.push(("join", "work", &parts));
+    client.define("fan-in", &steps).await?;
+    let log = read(EventLog::new(&env)?, topic.clone(), "template defined", |e| {
+        e.iter().any(|(_, _, e)| e.event_type == E::TemplateDefined)
+    })
+    .await?;
+    client.start_workflow("big", "fan-in", json!({})).await?;
+    let log = read(log, topic.clone(), "steps assigned", |e| {
+        (0..FAN).all(|n| has(e, E::TaskAssigned, &format!("big/s{n}")))
+    })
+    .await?;
+    let result = json!("r".repeat(60_000));
+    for name in &names {
+        client
+            .complete(&format!("big/{name}"), "worker", Some("big"), result.clone())
+            .await?;
+    }
+    let log = read(log, topic.clone(), "join assigned", |e| {
+        has(e, E::TaskAssigned, "big/join")
+    })
+    .await?;
+    let accepted = log
+        .of(E::TaskAccepted)
+        .find(|e| e.task_id.as_deref() == Some("big/join"))
+        .unwrap();
+    let data: serde_json::Value = serde_json::from_str(accepted.data_json.as_deref().unwrap())?;
+    assert_eq!(data["payload"]["step_tasks"]["s7"], "big/s7");
+    assert!(data["payload"]["steps"].is_null(), "the results were copied");
+    client.complete("big/join", "worker", Some("big"), result).await?;
+    let log = read(log, topic, "workflow completed", |e| {
+        e.iter().any(|(_, _, e)| e.event_type == E::WorkflowCompleted)
+    })
+    .await?;
+    let done = log.of(E::WorkflowCompleted).next().unwrap();
+    let data: serde_json::Value = serde_json::from_str(done.data_json.as_deref().unwrap())?;
+    assert!(data["results"].is_null(), "the results were copied");
+    assert_eq!(data["result_tasks"]["join"], "big/join");
+    assert!(
+        !orchestrator.log_text().contains("restarting"),
+        "{}",
+        orchestrator.log_text()
+    );
+    env.cleanup().await;
+    Ok(())
+}

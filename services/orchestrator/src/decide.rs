@@ -18,11 +18,31 @@ use crate::state::{AgentStatus, State, TaskStatus, WorkflowStatus};
 pub struct Rules {
     /// An agent whose last heartbeat is older than this is not eligible and is lost.
     pub heartbeat_window_ms: i64,
+    /// The most an event's `data_json` may hold: what the events topic accepts, less room
+    /// for the event's other fields ([`Rules::for_max_message_bytes`]). What a decision
+    /// gathers from several commands (a workflow's results, a step's inputs) is referred to
+    /// instead of copied when it would not fit: an event the topic refuses would stop the
+    /// partition for good.
+    pub max_event_data_bytes: usize,
+}
+
+impl Rules {
+    /// Room left in a record for an event's fields besides `data_json` (ids, reason, actor,
+    /// traceparent: each bounded far below this by validation).
+    pub const EVENT_FIELDS_BYTES: usize = 16 * 1024;
+
+    pub fn for_max_message_bytes(heartbeat_window_ms: i64, max_message_bytes: usize) -> Rules {
+        Rules {
+            heartbeat_window_ms,
+            max_event_data_bytes: max_message_bytes.saturating_sub(Self::EVENT_FIELDS_BYTES),
+        }
+    }
 }
 
 /// Emits events for one partition at one instant, applying each to the state.
 struct Decision<'a> {
     state: &'a mut State,
+    rules: &'a Rules,
     partition: i32,
     now: i64,
     command_id: Option<String>,
@@ -33,9 +53,10 @@ struct Decision<'a> {
 }
 
 impl<'a> Decision<'a> {
-    fn new(state: &'a mut State, partition: i32, now: i64) -> Self {
+    fn new(state: &'a mut State, rules: &'a Rules, partition: i32, now: i64) -> Self {
         Decision {
             state,
+            rules,
             partition,
             now,
             command_id: None,
@@ -46,8 +67,14 @@ impl<'a> Decision<'a> {
         }
     }
 
-    fn for_command(state: &'a mut State, partition: i32, now: i64, command: &TaskCommand) -> Self {
-        let mut decision = Decision::new(state, partition, now);
+    fn for_command(
+        state: &'a mut State,
+        rules: &'a Rules,
+        partition: i32,
+        now: i64,
+        command: &TaskCommand,
+    ) -> Self {
+        let mut decision = Decision::new(state, rules, partition, now);
         decision.command_id = Some(command.command_id().to_owned());
         decision.command_type = Some(command.type_name());
         decision.actor = Some(command.actor().to_owned());
@@ -189,9 +216,29 @@ impl<'a> Decision<'a> {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
             let duration = self.now - workflow.started_at;
+            let mut data = json!({"results": results, "duration_ms": duration}).to_string();
+            if data.len() > self.rules.max_event_data_bytes {
+                // Each result is in its step's TASK_COMPLETED: name the tasks instead.
+                let tasks: serde_json::Map<String, Value> = workflow
+                    .results
+                    .keys()
+                    .map(|step| (step.clone(), json!(format!("{workflow_id}/{step}"))))
+                    .collect();
+                data = json!({
+                    "results": null,
+                    "results_omitted": format!(
+                        "the steps' results ({} bytes) exceed what one event holds ({} bytes): read each step's task",
+                        data.len(),
+                        self.rules.max_event_data_bytes
+                    ),
+                    "result_tasks": tasks,
+                    "duration_ms": duration,
+                })
+                .to_string();
+            }
             let mut event = self.event(E::WorkflowCompleted);
             event.workflow_id = Some(workflow_id.to_owned());
-            event.data_json = Some(json!({"results": results, "duration_ms": duration}).to_string());
+            event.data_json = Some(data);
             self.emit(event);
             return;
         }
@@ -206,7 +253,8 @@ impl<'a> Decision<'a> {
                     .iter()
                     .map(|d| (d.clone(), workflow.results[d].clone()))
                     .collect();
-                (s.clone(), json!({"input": workflow.input, "steps": inputs}))
+                let payload = json!({"input": workflow.input, "steps": inputs});
+                (s.clone(), self.fit_step_payload(workflow_id, s, payload))
             })
             .collect();
         let priority = workflow.priority;
@@ -231,6 +279,31 @@ impl<'a> Decision<'a> {
         }
     }
 
+    /// A step's payload (the workflow's input and its dependencies' results), or, when that
+    /// would not fit in its events (`TASK_ACCEPTED` and `TASK_ASSIGNED` both carry it), the
+    /// input alone with the dependencies' task ids to read their results from, and failing
+    /// that the workflow's id to read the input from.
+    fn fit_step_payload(&self, workflow_id: &str, step: &WorkflowStep, payload: Value) -> Value {
+        let budget = self.rules.max_event_data_bytes;
+        // Room for the other data fields of the events that carry it: TASK_ASSIGNED's
+        // agent capabilities (at most 32 of 128 bytes), limits, priority.
+        let fits = |v: &Value| v.to_string().len() + 12 * 1024 <= budget;
+        if fits(&payload) {
+            return payload;
+        }
+        let tasks: serde_json::Map<String, Value> = step
+            .depends_on
+            .iter()
+            .map(|d| (d.clone(), json!(format!("{workflow_id}/{d}"))))
+            .collect();
+        let why = format!("the step's inputs exceed what one event holds ({budget} bytes)");
+        let referred = json!({"input": payload["input"], "steps": null, "step_tasks": tasks, "omitted": why});
+        if fits(&referred) {
+            return referred;
+        }
+        json!({"input": null, "workflow": workflow_id, "steps": null, "step_tasks": tasks, "omitted": why})
+    }
+
     /// The task, if `agent` holds it in a state where it may report on it.
     fn held_by(&self, task_id: &str, agent: &str, allowed: &[TaskStatus]) -> Result<(), String> {
         let Some(task) = self.state.tasks.get(task_id) else {
@@ -247,11 +320,17 @@ impl<'a> Decision<'a> {
 }
 
 /// Decides one command of `partition` at partition time `now`.
-pub fn decide(state: &mut State, partition: i32, now: i64, command: &TaskCommand) -> Vec<TaskEvent> {
+pub fn decide(
+    state: &mut State,
+    rules: &Rules,
+    partition: i32,
+    now: i64,
+    command: &TaskCommand,
+) -> Vec<TaskEvent> {
     if matches!(command, TaskCommand::Tick(_)) || state.seen(command.command_id()) {
         return Vec::new();
     }
-    let mut d = Decision::for_command(state, partition, now, command);
+    let mut d = Decision::for_command(state, rules, partition, now, command);
     if let Err(e) = command.validate() {
         d.reject(command, format!("invalid: {e}"));
         return d.events;
@@ -408,20 +487,29 @@ pub fn decide(state: &mut State, partition: i32, now: i64, command: &TaskCommand
                 let input: Value = serde_json::from_str(&c.input_json).unwrap_or(Value::Null);
                 // The start carries its steps, so folding it needs no other partition.
                 let steps = &d.state.templates[&c.template][&version];
-                let mut event = d.event(E::WorkflowStarted);
-                event.workflow_id = Some(c.workflow_id.clone());
-                event.data_json = Some(
-                    json!({
-                        "template": c.template,
-                        "template_version": version,
-                        "input": input,
-                        "priority": c.priority,
-                        "steps": steps,
-                    })
-                    .to_string(),
-                );
-                d.emit(event);
-                d.advance_workflow(&c.workflow_id);
+                let data = json!({
+                    "template": c.template,
+                    "template_version": version,
+                    "input": input,
+                    "priority": c.priority,
+                    "steps": steps,
+                })
+                .to_string();
+                if data.len() > d.rules.max_event_data_bytes {
+                    let reason = format!(
+                        "the input ({} bytes) with the steps of template {} version {version} exceed what one event holds ({} bytes)",
+                        c.input_json.len(),
+                        c.template,
+                        d.rules.max_event_data_bytes
+                    );
+                    d.reject(command, reason);
+                } else {
+                    let mut event = d.event(E::WorkflowStarted);
+                    event.workflow_id = Some(c.workflow_id.clone());
+                    event.data_json = Some(data);
+                    d.emit(event);
+                    d.advance_workflow(&c.workflow_id);
+                }
             } else {
                 d.reject(
                     command,
@@ -443,7 +531,7 @@ pub fn decide(state: &mut State, partition: i32, now: i64, command: &TaskCommand
 /// highest priority first, each to the least loaded eligible agent (its preferred agent when
 /// that one is eligible; ties broken by agent id).
 pub fn reconcile(state: &mut State, rules: &Rules, partition: i32, now: i64) -> Vec<TaskEvent> {
-    let mut d = Decision::new(state, partition, now);
+    let mut d = Decision::new(state, rules, partition, now);
 
     let lost: Vec<(String, i64)> = d
         .state
@@ -596,6 +684,7 @@ mod tests {
 
     const RULES: Rules = Rules {
         heartbeat_window_ms: 10_000,
+        max_event_data_bytes: 1 << 20,
     };
 
     fn id(n: u64) -> String {
@@ -636,7 +725,7 @@ mod tests {
     fn run(state: &mut State, commands: &[TaskCommand]) -> Vec<TaskEvent> {
         let mut events = Vec::new();
         for command in commands {
-            events.extend(decide(state, 0, 1000, command));
+            events.extend(decide(state, &RULES, 0, 1000, command));
             events.extend(reconcile(state, &RULES, 0, 1000));
         }
         events
@@ -693,6 +782,7 @@ mod tests {
         {
             events.extend(decide(
                 &mut state,
+                &RULES,
                 0,
                 1000,
                 &task(n as u64, name, *priority, 60_000, 3),
@@ -702,8 +792,8 @@ mod tests {
             assignments(&reconcile(&mut state, &RULES, 0, 1000)).is_empty(),
             "no agent yet"
         );
-        decide(&mut state, 0, 1000, &agent(10, "b", 2));
-        decide(&mut state, 0, 1000, &agent(11, "a", 2));
+        decide(&mut state, &RULES, 0, 1000, &agent(10, "b", 2));
+        decide(&mut state, &RULES, 0, 1000, &agent(11, "a", 2));
         let assigned = assignments(&reconcile(&mut state, &RULES, 0, 1000));
         let expected = [("high", "a"), ("high2", "b"), ("mid", "a"), ("low", "b")];
         let expected: Vec<_> = expected
@@ -737,7 +827,7 @@ mod tests {
         let mut state = State::new();
         let delegate = task(1, "t", 0, 60_000, 3);
         run(&mut state, &[agent(2, "a", 1), delegate.clone()]);
-        assert!(decide(&mut state, 0, 1000, &delegate).is_empty());
+        assert!(decide(&mut state, &RULES, 0, 1000, &delegate).is_empty());
         let events = reconcile(&mut state, &RULES, 0, 1000 + RULES.heartbeat_window_ms + 1);
         let kinds: Vec<E> = events.iter().map(|e| e.event_type).collect();
         assert_eq!(
@@ -770,13 +860,14 @@ mod tests {
         };
         let reason = |steps| {
             let mut state = State::new();
-            let events = decide(&mut state, 0, 0, &define(steps));
+            let events = decide(&mut state, &RULES, 0, 0, &define(steps));
             assert_eq!(events.len(), 1, "{events:?}");
             events[0].reason.clone().unwrap_or_default()
         };
         let mut state = State::new();
         let events = decide(
             &mut state,
+            &RULES,
             0,
             0,
             &define(vec![step("a", &[]), step("b", &["a"]), step("c", &["a", "b"])]),
@@ -895,7 +986,7 @@ mod tests {
         let mut live = State::new();
         let mut log: BTreeMap<i32, Vec<TaskEvent>> = BTreeMap::new();
         let mut run_on = |live: &mut State, partition: i32, command: &TaskCommand| {
-            let events = decide(live, partition, 1000, command);
+            let events = decide(live, &RULES, partition, 1000, command);
             log.entry(partition).or_default().extend(events);
             for p in 0..3 {
                 let reconciled = reconcile(live, &RULES, p, 1000);
@@ -934,7 +1025,7 @@ mod tests {
                 assert_eq!(summary(&rebuilt), expected, "{name} log read in order {order:?}");
                 // And it decides the rest of the workflows as the live instance would.
                 let holder = agent_of(&rebuilt, "w0/load");
-                let events = decide(&mut rebuilt, 0, 2000, &complete(7, "w0/load", &holder));
+                let events = decide(&mut rebuilt, &RULES, 0, 2000, &complete(7, "w0/load", &holder));
                 let kinds: Vec<E> = events.iter().map(|e| e.event_type).collect();
                 assert_eq!(
                     kinds,
@@ -942,7 +1033,7 @@ mod tests {
                     "{name} {order:?}"
                 );
                 let holder = agent_of(&rebuilt, "w1/extract");
-                let events = decide(&mut rebuilt, 1, 2000, &complete(8, "w1/extract", &holder));
+                let events = decide(&mut rebuilt, &RULES, 1, 2000, &complete(8, "w1/extract", &holder));
                 let kinds: Vec<E> = events.iter().map(|e| e.event_type).collect();
                 assert_eq!(
                     kinds,
@@ -951,5 +1042,141 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// What a workflow gathers from several commands is referred to, not copied, when it would
+    /// not fit in an event: the events topic would refuse the event, and the partition would
+    /// stop for good. A start that cannot fit is rejected with the reason.
+    #[test]
+    fn gathered_results_that_would_not_fit_in_an_event_are_referred_to() {
+        let rules = Rules::for_max_message_bytes(10_000, 16 * 1024 + 20 * 1024);
+        let step = |id: &str, deps: &[&str]| WorkflowStep {
+            step_id: id.into(),
+            capability: "x".into(),
+            depends_on: deps.iter().map(|d| d.to_string()).collect(),
+            timeout_ms: 60_000,
+            max_attempts: 1,
+        };
+        let mut state = State::new();
+        let define = TaskCommand::DefineTemplate(DefineWorkflowTemplate {
+            command_id: id(1),
+            actor: "boss".into(),
+            issued_at: 0,
+            traceparent: None,
+            name: "fan-in".into(),
+            version: 1,
+            steps: vec![step("a", &[]), step("b", &[]), step("join", &["a", "b"])],
+        });
+        let start = |n: u64, workflow: &str, input: String| {
+            TaskCommand::StartWorkflow(StartWorkflow {
+                command_id: id(n),
+                actor: "boss".into(),
+                issued_at: 0,
+                traceparent: None,
+                workflow_id: workflow.into(),
+                template: "fan-in".into(),
+                template_version: None,
+                input_json: input,
+                priority: 0,
+            })
+        };
+        let complete = |n: u64, task: &str, result: &str| {
+            TaskCommand::Complete(CompleteTask {
+                command_id: id(n),
+                actor: "a".into(),
+                issued_at: 0,
+                traceparent: None,
+                task_id: task.into(),
+                agent_id: "a".into(),
+                workflow_id: None,
+                result_json: serde_json::to_string(result).unwrap(),
+            })
+        };
+        let mut all = Vec::new();
+        for command in [define, agent(2, "a", 10), start(3, "w", "{}".into())] {
+            all.extend(decide(&mut state, &rules, 0, 1000, &command));
+            all.extend(reconcile(&mut state, &rules, 0, 1000));
+        }
+        // Two results of 5 KB each: 10 KB together, more than the 8 KB a step payload may
+        // hold here (20 KB less 12 KB for the other fields).
+        let big = "r".repeat(5_000);
+        for (n, task) in [(4, "w/a"), (5, "w/b")] {
+            all.extend(decide(&mut state, &rules, 0, 1000, &complete(n, task, &big)));
+            all.extend(reconcile(&mut state, &rules, 0, 1000));
+        }
+        let accepted = all
+            .iter()
+            .find(|e| e.event_type == E::TaskAccepted && e.task_id.as_deref() == Some("w/join"))
+            .expect("the join step is released");
+        let data: Value = serde_json::from_str(accepted.data_json.as_deref().unwrap()).unwrap();
+        assert_eq!(
+            data["payload"]["step_tasks"],
+            json!({"a": "w/a", "b": "w/b"}),
+            "{data}"
+        );
+        assert!(data["payload"]["steps"].is_null());
+        // Every event fits.
+        for event in &all {
+            let len = event.data_json.as_deref().map_or(0, str::len);
+            assert!(
+                len <= rules.max_event_data_bytes,
+                "{:?}: {len} bytes",
+                event.event_type
+            );
+        }
+        // Three results of 5 KB: 15 KB, within the 20 KB of an event's data: copied.
+        let events = decide(&mut state, &rules, 0, 1000, &complete(6, "w/join", &big));
+        let done = events
+            .iter()
+            .find(|e| e.event_type == E::WorkflowCompleted)
+            .expect("completed");
+        let data: Value = serde_json::from_str(done.data_json.as_deref().unwrap()).unwrap();
+        assert_eq!(data["results"]["join"], json!(big));
+
+        // A second run with 8 KB results: 24 KB together, more than an event holds.
+        let bigger = "r".repeat(8_000);
+        let mut events = decide(&mut state, &rules, 0, 1000, &start(7, "v", "{}".into()));
+        events.extend(reconcile(&mut state, &rules, 0, 1000));
+        for (n, task) in [(8, "v/a"), (9, "v/b")] {
+            events.extend(decide(&mut state, &rules, 0, 1000, &complete(n, task, &bigger)));
+            events.extend(reconcile(&mut state, &rules, 0, 1000));
+        }
+        events.extend(decide(
+            &mut state,
+            &rules,
+            0,
+            1000,
+            &complete(10, "v/join", &bigger),
+        ));
+        let done = events
+            .iter()
+            .find(|e| e.event_type == E::WorkflowCompleted)
+            .expect("completed");
+        let len = done.data_json.as_deref().unwrap().len();
+        assert!(len <= rules.max_event_data_bytes, "{len}");
+        let data: Value = serde_json::from_str(done.data_json.as_deref().unwrap()).unwrap();
+        assert!(data["results"].is_null(), "{data}");
+        assert_eq!(
+            data["result_tasks"],
+            json!({"a": "v/a", "b": "v/b", "join": "v/join"})
+        );
+
+        // A start whose input cannot fit with its steps is rejected, not stuck.
+        let events = decide(
+            &mut state,
+            &rules,
+            0,
+            1000,
+            &start(11, "huge", serde_json::to_string(&"i".repeat(25_000)).unwrap()),
+        );
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].event_type, E::CommandRejected);
+        assert!(
+            events[0]
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("exceed what one event holds")
+        );
     }
 }

@@ -283,7 +283,7 @@ impl<'a> Worker<'a> {
         let heartbeat_window_ms = orchestrator.heartbeat_window.as_millis() as i64;
         Ok(Worker {
             config,
-            rules: Rules { heartbeat_window_ms },
+            rules: Rules::for_max_message_bytes(heartbeat_window_ms, config.topics.max_message_bytes),
             state: State::new(),
             commands,
             reader,
@@ -581,7 +581,7 @@ impl<'a> Worker<'a> {
             return Ok(());
         }
         let duplicate = self.state.seen(command.command_id());
-        let events = decide(&mut self.state, p, now, &command);
+        let events = decide(&mut self.state, &self.rules, p, now, &command);
         let outcome = if duplicate {
             "duplicate"
         } else if events
