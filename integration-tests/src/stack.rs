@@ -60,6 +60,7 @@ pub struct TestEnv {
     pub dead_letter_topic: String,
     pub task_commands_topic: String,
     pub task_events_topic: String,
+    pub keys_topic: String,
     pub group_id: String,
     pub orchestrator_group_id: String,
     pub redis_prefix: String,
@@ -99,6 +100,7 @@ impl TestEnv {
             dead_letter_topic: format!("memos.it.{id}.dlq"),
             task_commands_topic: format!("memos.it.{id}.task.commands"),
             task_events_topic: format!("memos.it.{id}.task.events"),
+            keys_topic: format!("memos.it.{id}.keys"),
             group_id: format!("memos-it-{id}"),
             orchestrator_group_id: format!("memos-it-{id}-orchestrator"),
             redis_prefix: format!("memos-it-{id}"),
@@ -116,6 +118,7 @@ impl TestEnv {
             ("MEMOS__TOPICS__DEAD_LETTER", self.dead_letter_topic.as_str()),
             ("MEMOS__TOPICS__TASK_COMMANDS", self.task_commands_topic.as_str()),
             ("MEMOS__TOPICS__TASK_EVENTS", self.task_events_topic.as_str()),
+            ("MEMOS__TOPICS__KEYS", self.keys_topic.as_str()),
             (
                 "MEMOS__ORCHESTRATOR__GROUP_ID",
                 self.orchestrator_group_id.as_str(),

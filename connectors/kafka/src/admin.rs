@@ -81,6 +81,14 @@ impl TopicSpec {
         }
     }
 
+    /// The keys log: one partition (one order of issues and revocations), kept forever,
+    /// with the broker's record time like a command topic.
+    pub fn keys(topics: &TopicsConfig) -> Self {
+        let mut spec = Self::commands(&topics.keys, topics);
+        spec.partitions = 1;
+        spec
+    }
+
     /// The dead-letter topic: kept for weeks, not forever.
     pub fn dead_letter(name: &str, topics: &TopicsConfig) -> Self {
         TopicSpec {
@@ -123,6 +131,7 @@ pub fn all_topics(topics: &TopicsConfig) -> Vec<TopicSpec> {
             .into_iter()
             .filter(|t| t.name != topics.dead_letter),
     );
+    specs.push(TopicSpec::keys(topics));
     specs
 }
 

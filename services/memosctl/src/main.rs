@@ -6,6 +6,7 @@ mod bench;
 mod cache;
 mod dlq;
 mod export;
+mod keys;
 mod lag;
 mod logread;
 mod promote;
@@ -70,6 +71,11 @@ enum Command {
         #[command(subcommand)]
         command: cache::CacheCommand,
     },
+    /// API keys: issue (shown once), list, revoke; every change is in the keys log.
+    Keys {
+        #[command(subcommand)]
+        command: keys::KeysCommand,
+    },
     /// Command topics: check that their retention keeps the history forever.
     Topics {
         #[command(subcommand)]
@@ -90,6 +96,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Replay(args) => replay::run(&config, args).await,
         Command::Verify(args) => verify::run(&config, args).await,
         Command::Topics { command } => topics::run(&config, command).await,
+        Command::Keys { command } => keys::run(&config, command).await,
         Command::Cache { command } => cache::run(&config, command).await,
         Command::Promote(args) => promote::run(&config, args).await,
     }

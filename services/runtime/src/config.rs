@@ -140,6 +140,9 @@ pub struct TopicsConfig {
     /// count as `task_commands` (an event goes to the partition of its command).
     pub task_events: String,
     pub dead_letter: String,
+    /// The keys log: API keys issued and revoked (`memos_runtime::keys`); one partition,
+    /// kept forever, as it is the audit trail of key management.
+    pub keys: String,
     /// Partitions of topics memOS creates; a namespace always maps to one partition.
     pub partitions: i32,
     pub replication_factor: i32,
@@ -239,6 +242,7 @@ impl Default for Config {
                 task_commands: "memos.task.commands".into(),
                 task_events: "memos.task.events".into(),
                 dead_letter: "memos.dlq".into(),
+                keys: "memos.keys".into(),
                 partitions: 6,
                 replication_factor: 1,
                 create: true,

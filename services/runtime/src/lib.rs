@@ -4,8 +4,10 @@
 //! - [`telemetry`]: JSON log lines with trace ids, OpenTelemetry traces over OTLP.
 //! - [`metrics`]: the catalogue of Prometheus metrics and the recorder that exports them.
 //! - [`shutdown`]: one cancellation token tripped by SIGINT or SIGTERM.
+//! - [`keys`]: API keys, the principals and roles they stand for, and their log.
 
 pub mod config;
+pub mod keys;
 pub mod metrics;
 pub mod shutdown;
 pub mod telemetry;
