@@ -110,6 +110,12 @@ impl MemosProcess {
         )
     }
 
+    /// The process id of the running binary (for signals a test sends itself, or to find its
+    /// PostgreSQL sessions: they are named `memos[PID]`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no shutdown hook runs, as in a crash.
     pub fn kill(&mut self) -> anyhow::Result<()> {
         self.child.kill()?;

@@ -11,6 +11,14 @@
 //! a producer cannot forge the timestamp that the orchestrator's clock and the views' record
 //! times are taken from.
 //!
+//! Durability: every topic is created with `min.insync.replicas`
+//! ([`TopicsConfig::min_insync_replicas`]: 1 for a single replica, otherwise
+//! `min(2, replication_factor)` unless configured). With the producers' `acks=all` a write is
+//! acknowledged only once that many replicas hold it, so with three replicas an acknowledged
+//! write survives the loss of any one broker. It is not changed on existing topics (an
+//! operator may have chosen otherwise); `memosctl topics check` reports a command topic of
+//! three or more replicas whose value is below 2.
+//!
 //! The settings in [`TopicSpec::enforced`] are also applied to topics that already exist,
 //! when their current value differs (a describe, then an alter of the whole set of the
 //! topic's own overrides with the enforced values merged in: rdkafka has no incremental
@@ -76,6 +84,7 @@ impl TopicSpec {
                 ("retention.ms", "-1".into()),
                 ("retention.bytes", "-1".into()),
                 ("max.message.bytes", topics.max_message_bytes.to_string()),
+                ("min.insync.replicas", topics.min_insync_replicas().to_string()),
             ],
             enforced: vec!["max.message.bytes"],
         }
@@ -99,6 +108,7 @@ impl TopicSpec {
                 ("cleanup.policy", "delete".into()),
                 ("retention.ms", DEAD_LETTER_RETENTION_MS.into()),
                 ("max.message.bytes", dead_letter_max_bytes(topics).to_string()),
+                ("min.insync.replicas", topics.min_insync_replicas().to_string()),
             ],
             enforced: vec!["max.message.bytes"],
         }
@@ -138,6 +148,9 @@ pub fn all_topics(topics: &TopicsConfig) -> Vec<TopicSpec> {
 /// Creates the topics that do not exist yet, and applies the [`TopicSpec::enforced`]
 /// settings to those that do.
 pub async fn ensure_topics(kafka: &KafkaConfig, specs: &[TopicSpec]) -> anyhow::Result<()> {
+    for spec in specs {
+        check_replication(spec)?;
+    }
     let admin: AdminClient<DefaultClientContext> = base_config(kafka, "admin").create()?;
     let new_topics: Vec<NewTopic<'_>> = specs
         .iter()
@@ -167,6 +180,22 @@ pub async fn ensure_topics(kafka: &KafkaConfig, specs: &[TopicSpec]) -> anyhow::
     for spec in existing {
         enforce(&admin, spec).await?;
     }
+    Ok(())
+}
+
+/// Refuses a spec whose `min.insync.replicas` its replicas cannot meet (every write would
+/// fail with `NOT_ENOUGH_REPLICAS`) or that is below 1.
+pub fn check_replication(spec: &TopicSpec) -> anyhow::Result<()> {
+    let Some((_, value)) = spec.config.iter().find(|(k, _)| *k == "min.insync.replicas") else {
+        return Ok(());
+    };
+    let min: i32 = value.parse()?;
+    anyhow::ensure!(
+        (1..=spec.replication_factor).contains(&min),
+        "topic {}: min.insync.replicas {min} must be between 1 and the replication factor {}",
+        spec.name,
+        spec.replication_factor
+    );
     Ok(())
 }
 
@@ -259,6 +288,39 @@ mod tests {
                 assert_eq!(time, Some("LogAppendTime"), "{}", spec.name);
             }
         }
+    }
+
+    #[test]
+    fn every_topic_waits_for_two_replicas_when_replicated() {
+        let mut topics = topics();
+        for (rf, set, expected) in [(1, None, "1"), (2, None, "2"), (3, None, "2"), (3, Some(3), "3")] {
+            topics.replication_factor = rf;
+            topics.min_insync_replicas = set;
+            for spec in all_topics(&topics) {
+                assert_eq!(spec.replication_factor, rf);
+                assert_eq!(
+                    value(&spec, "min.insync.replicas"),
+                    Some(expected),
+                    "{} rf={rf}",
+                    spec.name
+                );
+                assert!(
+                    !spec.enforced.contains(&"min.insync.replicas"),
+                    "existing topics keep theirs"
+                );
+                check_replication(&spec).unwrap();
+            }
+        }
+        topics.replication_factor = 1;
+        topics.min_insync_replicas = Some(2);
+        let spec = TopicSpec::commands("c", &topics);
+        assert!(
+            check_replication(&spec).is_err(),
+            "more in-sync replicas than replicas"
+        );
+        topics.min_insync_replicas = Some(0);
+        let spec = TopicSpec::commands("c", &topics);
+        assert!(check_replication(&spec).is_err());
     }
 
     #[test]

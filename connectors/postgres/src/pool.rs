@@ -10,10 +10,25 @@
 //! ([`crate::offsets::lock_and_load`]), so no batch commits into a schema that is no longer
 //! active. Before migration `0007` has run, connections keep the server's default
 //! `search_path`.
+//!
+//! Guarantee (nothing holds the views without end): every pooled connection carries the
+//! session bounds of [`PostgresConfig`] as startup parameters
+//! (`idle_in_transaction_session_timeout`, `lock_timeout`, `statement_timeout`). A process
+//! stopped inside a transaction (SIGSTOP, a paused VM) has its session ended by the server
+//! after `idle_in_transaction_timeout`, which releases its row locks on the offsets; a
+//! projector waiting for those locks fails after `lock_timeout` with a transient error and
+//! retries. When the stopped process resumes, its connection is gone, so its transaction
+//! cannot commit; its retry reads the offsets the new owner stored and skips what was
+//! applied ([`crate::offsets::lock_and_load`]). Migrations and the embedding index build run
+//! on a connection of their own without the lock and statement bounds. Connections name
+//! their process in `application_name` (`memos[PID]`), so `pg_stat_activity` tells which
+//! process holds what.
+
+use std::time::Duration;
 
 use memos_runtime::config::PostgresConfig;
-use sqlx::postgres::{PgConnection, PgPoolOptions};
-use sqlx::{Executor, PgPool};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, Executor, PgPool};
 
 /// SQLSTATE of "relation does not exist" (before the control table is migrated).
 const UNDEFINED_TABLE: &str = "42P01";
@@ -56,8 +71,48 @@ async fn still_active(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
     }
 }
 
-/// Opens a pool on the active view schema; fails fast when the server does not answer within
-/// the acquire timeout.
+/// A duration as a PostgreSQL time setting in milliseconds; `0` disables the bound. A
+/// non-zero duration below a millisecond is one millisecond, not "disabled".
+fn millis(duration: Duration) -> u128 {
+    match duration.as_millis() {
+        0 if !duration.is_zero() => 1,
+        ms => ms,
+    }
+}
+
+/// The session bounds of `config`, as startup parameters (later ones win over the URL's own
+/// `options`).
+pub fn session_bounds(config: &PostgresConfig) -> [(&'static str, String); 3] {
+    [
+        (
+            "idle_in_transaction_session_timeout",
+            millis(config.idle_in_transaction_timeout).to_string(),
+        ),
+        ("lock_timeout", millis(config.lock_timeout).to_string()),
+        ("statement_timeout", millis(config.statement_timeout).to_string()),
+    ]
+}
+
+/// `memos[PID]` (the binary's name and this process's id), as `pg_stat_activity` shows it.
+fn application_name() -> String {
+    let binary = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "memos".into());
+    format!("{binary}[{}]", std::process::id())
+}
+
+/// Connection options of `config`: its URL, the session bounds, the application name.
+pub fn connect_options(config: &PostgresConfig) -> Result<PgConnectOptions, sqlx::Error> {
+    let options: PgConnectOptions = config.url.expose().parse()?;
+    Ok(options
+        .application_name(&application_name())
+        .options(session_bounds(config)))
+}
+
+/// Opens a pool on the active view schema, every connection bounded as the module
+/// documentation says; fails fast when the server does not answer within the acquire
+/// timeout.
 pub async fn connect(config: &PostgresConfig) -> Result<PgPool, sqlx::Error> {
     PgPoolOptions::new()
         .max_connections(config.max_connections)
@@ -66,24 +121,44 @@ pub async fn connect(config: &PostgresConfig) -> Result<PgPool, sqlx::Error> {
         .test_before_acquire(false)
         .after_connect(|conn, _| Box::pin(use_active_schema(conn)))
         .before_acquire(|conn, _| Box::pin(still_active(conn)))
-        .connect(config.url.expose())
+        .connect_with(connect_options(config)?)
         .await
 }
 
-/// Applies pending migrations to the active view schema. Safe to call from several
-/// processes at once: sqlx serializes them with an advisory lock.
-pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    crate::bulk::MIGRATOR.run(pool).await
+/// A connection of its own, with the pool's options but no lock or statement bound: a
+/// migration or an index build may take long on a large table, and waiting for another
+/// process's migration (sqlx's advisory lock) must not fail a start. Idle-in-transaction
+/// stays bounded.
+async fn unbounded(pool: &PgPool) -> Result<PgConnection, sqlx::Error> {
+    let options = (*pool.connect_options())
+        .clone()
+        .options([("lock_timeout", "0"), ("statement_timeout", "0")]);
+    let mut conn = options.connect().await?;
+    use_active_schema(&mut conn).await?;
+    Ok(conn)
 }
 
-/// Creates the HNSW index for embeddings of `dimensions` (cosine distance) if missing. The
-/// dimension comes from configuration, so it cannot live in a static migration.
+/// Applies pending migrations to the active view schema, on a connection without lock and
+/// statement bounds. Safe to call from several processes at once: sqlx serializes them with
+/// an advisory lock.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    let mut conn = unbounded(pool).await?;
+    crate::bulk::MIGRATOR.run(&mut conn).await?;
+    conn.close().await?;
+    Ok(())
+}
+
+/// Creates the HNSW index for embeddings of `dimensions` (cosine distance) if missing, on a
+/// connection without lock and statement bounds (building it on a large table takes long).
+/// The dimension comes from configuration, so it cannot live in a static migration.
 pub async fn ensure_vector_index(pool: &PgPool, dimensions: usize) -> Result<(), sqlx::Error> {
     let sql = format!(
         "CREATE INDEX IF NOT EXISTS memories_embedding_hnsw_{dimensions} ON memories
          USING hnsw ((embedding::vector({dimensions})) vector_cosine_ops)
          WHERE embedding IS NOT NULL AND forgotten_at IS NULL"
     );
-    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await?;
+    let mut conn = unbounded(pool).await?;
+    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await?;
+    conn.close().await?;
     Ok(())
 }

@@ -15,4 +15,5 @@ mod poison;
 mod prometheus;
 mod replay;
 mod replay_tasks;
+mod stall;
 mod task_views;

@@ -1016,20 +1016,22 @@ async fn topics_check_flags_command_topics_that_would_lose_history() -> anyhow::
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains("E_RETENTION: 2 command topic(s)"), "{err}");
     let verdicts = json_lines(&out)?;
-    assert_eq!(verdicts.len(), 3);
+    assert_eq!(verdicts.len(), 4, "memory and task commands, then the named ones");
     assert_eq!(verdicts[0]["problems"], json!([]));
+    assert_eq!(verdicts[1]["topic"], env.task_commands_topic.as_str());
+    assert_eq!(verdicts[1]["problems"], json!([]));
     assert!(
-        verdicts[1]["problems"][0].as_str().unwrap().contains("compact"),
+        verdicts[2]["problems"][0].as_str().unwrap().contains("compact"),
         "{}",
-        verdicts[1]
+        verdicts[2]
     );
     assert!(
-        verdicts[2]["problems"][0]
+        verdicts[3]["problems"][0]
             .as_str()
             .unwrap()
             .starts_with("retention.ms is 604800000"),
         "{}",
-        verdicts[2]
+        verdicts[3]
     );
     let (code, _, err) = memosctl(&env, &["topics", "check", "--topic", "memos.no.such.topic"])?;
     assert_eq!(code, 1);
@@ -1038,6 +1040,133 @@ async fn topics_check_flags_command_topics_that_would_lose_history() -> anyhow::
         .delete_topics(&[&compacted, &week], &AdminOptions::new())
         .await;
     drop(memos);
+    env.cleanup().await;
+    Ok(())
+}
+
+/// `memosctl topics create` sets `min.insync.replicas` on the topics it creates (1 for the one
+/// replica of this stack), refuses a value the replicas cannot meet, and `topics check` reads
+/// the value back from the broker and flags a command topic whose writes could be acknowledged
+/// by a single broker (three replicas, when the cluster has three brokers) or would all be
+/// refused (more in-sync replicas than replicas).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_get_min_insync_replicas_and_check_flags_fragile_ones() -> anyhow::Result<()> {
+    use rdkafka::admin::{
+        AdminClient, AdminOptions, ConfigSource, NewTopic, ResourceSpecifier, TopicReplication,
+    };
+    use rdkafka::client::DefaultClientContext;
+
+    let env = TestEnv::new().await?;
+    let out = memosctl_ok(&env, &["topics", "create"])?;
+    assert!(out.contains(&env.commands_topic), "{out}");
+    let admin: AdminClient<DefaultClientContext> = env.kafka_config().create()?;
+    let created = [
+        &env.commands_topic,
+        &env.task_commands_topic,
+        &env.task_events_topic,
+        &env.dead_letter_topic,
+    ];
+    let specifiers: Vec<ResourceSpecifier<'_>> =
+        created.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    for (topic, described) in created
+        .iter()
+        .zip(admin.describe_configs(&specifiers, &AdminOptions::new()).await?)
+    {
+        let resource = described.map_err(|code| anyhow::anyhow!("describe {topic}: {code}"))?;
+        let entry = resource
+            .get("min.insync.replicas")
+            .ok_or_else(|| anyhow::anyhow!("{topic}: no min.insync.replicas"))?;
+        assert_eq!(entry.value.as_deref(), Some("1"), "{topic}");
+        assert!(
+            matches!(entry.source, ConfigSource::DynamicTopic),
+            "{topic}: set on the topic, not the broker's default: {:?}",
+            entry.source
+        );
+    }
+
+    // A value the replicas cannot meet is refused before anything is created.
+    let output = std::process::Command::new(process::binary("memosctl")?)
+        .args(["topics", "create"])
+        .envs(env.process_env())
+        .env(
+            "MEMOS__TOPICS__MEMORY_COMMANDS",
+            format!("{}.unmet", env.commands_topic),
+        )
+        .env("MEMOS__TOPICS__MIN_INSYNC_REPLICAS", "2")
+        .output()?;
+    let err = String::from_utf8(output.stderr)?;
+    assert!(!output.status.success());
+    assert!(
+        err.contains("min.insync.replicas 2 must be between 1 and the replication factor 1"),
+        "{err}"
+    );
+
+    // What the broker holds is what the check reports.
+    let out = memosctl_ok(&env, &["topics", "check", "--json"])?;
+    let verdicts = json_lines(&out)?;
+    assert_eq!(verdicts.len(), 2, "{out}");
+    for verdict in &verdicts {
+        assert_eq!(verdict["replication_factor"], 1, "{verdict}");
+        assert_eq!(verdict["min_insync_replicas"], "1", "{verdict}");
+        assert_eq!(verdict["problems"], json!([]), "{verdict}");
+    }
+
+    // A command topic that refuses every write, and, on a cluster of three brokers, one of
+    // three replicas acknowledged by a single one.
+    let unmet = format!("{}.unmet", env.commands_topic);
+    let single = format!("{}.single", env.commands_topic);
+    let metadata = admin.inner().fetch_metadata(None, Duration::from_secs(10))?;
+    let three_brokers = metadata.brokers().len() >= 3;
+    let mut topics = vec![
+        NewTopic::new(&unmet, 1, TopicReplication::Fixed(1))
+            .set("retention.ms", "-1")
+            .set("min.insync.replicas", "2"),
+    ];
+    if three_brokers {
+        topics.push(
+            NewTopic::new(&single, 1, TopicReplication::Fixed(3))
+                .set("retention.ms", "-1")
+                .set("min.insync.replicas", "1"),
+        );
+    }
+    for result in admin.create_topics(&topics, &AdminOptions::new()).await? {
+        result.map_err(|(topic, code)| anyhow::anyhow!("cannot create {topic}: {code}"))?;
+    }
+    let mut args = vec!["topics", "check", "--json", "--topic", &unmet];
+    if three_brokers {
+        args.extend(["--topic", &single]);
+    }
+    let (code, out, err) = memosctl(&env, &args)?;
+    assert_eq!(code, 1, "{out}{err}");
+    let flagged = if three_brokers { 2 } else { 1 };
+    assert!(
+        err.contains(&format!("E_REPLICATION: {flagged} command topic(s)")),
+        "{err}"
+    );
+    let verdicts = json_lines(&out)?;
+    assert_eq!(verdicts[2]["min_insync_replicas"], "2", "{}", verdicts[2]);
+    assert!(
+        verdicts[2]["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("NOT_ENOUGH_REPLICAS"),
+        "{}",
+        verdicts[2]
+    );
+    if three_brokers {
+        assert_eq!(verdicts[3]["replication_factor"], 3, "{}", verdicts[3]);
+        assert!(
+            verdicts[3]["problems"][0]
+                .as_str()
+                .unwrap()
+                .contains("single broker"),
+            "{}",
+            verdicts[3]
+        );
+    }
+    let _ = admin
+        .delete_topics(&[&unmet, &single], &AdminOptions::new())
+        .await;
     env.cleanup().await;
     Ok(())
 }

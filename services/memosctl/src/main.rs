@@ -86,7 +86,10 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let config = Config::load().context("invalid configuration")?;
+    let mut config = Config::load().context("invalid configuration")?;
+    // The operator's commands scan, copy and index whole tables: their statements get the
+    // maintenance bound, not the services' one. Lock and idle-in-transaction bounds stay.
+    config.postgres.statement_timeout = config.postgres.maintenance_statement_timeout;
     match cli.command {
         Command::Lag { group, json } => lag::run(&config, group.as_deref(), json).await,
         Command::Dlq { command } => dlq::run(&config, command).await,

@@ -148,6 +148,7 @@ async fn postgres_errors_are_classified_by_sqlstate() -> anyhow::Result<()> {
         ("53300", Failure::Transient),
         ("55P03", Failure::Transient),
         ("57014", Failure::Transient),
+        ("25P03", Failure::Transient),
         ("42P01", Failure::Transient),
         ("XX000", Failure::Transient),
     ] {
@@ -179,6 +180,111 @@ async fn postgres_errors_are_classified_by_sqlstate() -> anyhow::Result<()> {
         .expect_err("terminated");
     assert_eq!(classify(&error), Failure::Transient, "{error}");
     drop(conn);
+    env.cleanup().await;
+    Ok(())
+}
+
+/// The pool's session bounds, against the real server: a waiter for a row lock fails after
+/// `lock_timeout`, a statement after `statement_timeout`, and a transaction left idle (a
+/// stopped process) is ended after `idle_in_transaction_timeout`, releasing its locks; its
+/// work never commits. Every one of these failures is transient (retried, never isolated).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_bounds_end_stalled_transactions_with_transient_errors() -> anyhow::Result<()> {
+    use sqlx::Connection;
+
+    let env = TestEnv::new().await?;
+    let mut config = config(&env);
+    config.postgres.lock_timeout = Duration::from_millis(200);
+    config.postgres.statement_timeout = Duration::from_millis(300);
+    config.postgres.idle_in_transaction_timeout = Duration::from_millis(500);
+    let pool = memos_postgres::connect(&config.postgres).await?;
+    memos_postgres::migrate(&pool).await?;
+    let (topic, partitions) = (env.commands_topic.as_str(), [0]);
+    let settings: (String, String, String, String) = sqlx::query_as(
+        "SELECT current_setting('lock_timeout'), current_setting('statement_timeout'),
+                current_setting('idle_in_transaction_session_timeout'), current_setting('application_name')",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(
+        (settings.0.as_str(), settings.1.as_str(), settings.2.as_str()),
+        ("200ms", "300ms", "500ms")
+    );
+    assert!(
+        settings.3.ends_with(&format!("[{}]", std::process::id())),
+        "{}",
+        settings.3
+    );
+
+    // A holder without bounds (another tool's session) keeps the offset row locked: the
+    // projector's lock wait ends with 55P03 instead of waiting for it.
+    let mut holder = sqlx::PgConnection::connect(&env.database_url).await?;
+    let mut held = holder.begin().await?;
+    memos_postgres::offsets::lock_and_load(&mut held, "memory", topic, &partitions).await?;
+    let mut waiter = pool.begin().await?;
+    let error = memos_postgres::offsets::lock_and_load(&mut waiter, "memory", topic, &partitions)
+        .await
+        .expect_err("the lock wait is bounded");
+    assert_eq!(
+        memos_postgres::errors::sqlstate(&error).as_deref(),
+        Some("55P03"),
+        "{error}"
+    );
+    assert_eq!(classify(&error), Failure::Transient, "{error}");
+    drop(waiter);
+    held.rollback().await?;
+    holder.close().await?;
+
+    // A statement running too long ends with 57014.
+    let error = sqlx::query("SELECT pg_sleep(30)")
+        .execute(&pool)
+        .await
+        .expect_err("the statement is bounded");
+    assert_eq!(
+        memos_postgres::errors::sqlstate(&error).as_deref(),
+        Some("57014"),
+        "{error}"
+    );
+    assert_eq!(classify(&error), Failure::Transient, "{error}");
+
+    // A zombie: it locked the row and moved the offset, then stopped. The server ends its
+    // session; the row is free for the next owner and the zombie's work never commits.
+    let mut zombie = pool.begin().await?;
+    let (zombie_pid,): (i32,) = sqlx::query_as("SELECT pg_backend_pid()")
+        .fetch_one(&mut *zombie)
+        .await?;
+    memos_postgres::offsets::lock_and_load(&mut zombie, "memory", topic, &partitions).await?;
+    memos_postgres::offsets::advance(&mut zombie, "memory", topic, &BTreeMap::from([(0, 10)])).await?;
+    memos_integration_tests::eventually(
+        "the server to end the idle transaction's session",
+        Duration::from_secs(30),
+        || async {
+            let (alive,): (bool,) =
+                sqlx::query_as("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)")
+                    .bind(zombie_pid)
+                    .fetch_one(&env.pool)
+                    .await?;
+            Ok((!alive).then_some(()))
+        },
+    )
+    .await?;
+    let mut owner = pool.begin().await?;
+    let stored = memos_postgres::offsets::lock_and_load(&mut owner, "memory", topic, &partitions).await?;
+    assert_eq!(stored[&0], 0, "the zombie's offset never committed");
+    memos_postgres::offsets::advance(&mut owner, "memory", topic, &BTreeMap::from([(0, 4)])).await?;
+    owner.commit().await?;
+    let error = zombie.commit().await.expect_err("the zombie's session is gone");
+    assert_eq!(classify(&error), Failure::Transient, "{error}");
+    let (next,): (i64,) = sqlx::query_as("SELECT next_offset FROM projection_offsets WHERE topic = $1")
+        .bind(topic)
+        .fetch_one(&env.pool)
+        .await?;
+    assert_eq!(next, 4, "only the owner's transaction committed");
+
+    // Migrations and index builds are not bounded (they may take long on large tables).
+    memos_postgres::migrate(&pool).await?;
+    memos_postgres::pool::ensure_vector_index(&pool, 3).await?;
+    pool.close().await;
     env.cleanup().await;
     Ok(())
 }

@@ -146,6 +146,13 @@ pub struct TopicsConfig {
     /// Partitions of topics memOS creates; a namespace always maps to one partition.
     pub partitions: i32,
     pub replication_factor: i32,
+    /// Topic `min.insync.replicas` of the topics memOS creates: with the producers'
+    /// `acks=all`, a write is acknowledged only once this many replicas hold it. Unset: 1 when
+    /// `replication_factor` is 1, otherwise `min(2, replication_factor)`
+    /// ([`TopicsConfig::min_insync_replicas`]). Not applied to topics that already exist
+    /// (`memosctl topics check` reports them).
+    #[serde(default)]
+    pub min_insync_replicas: Option<i32>,
     /// Whether processes create missing topics at start through the admin API (and apply
     /// the size and timestamp settings to existing ones).
     pub create: bool,
@@ -155,6 +162,26 @@ pub struct TopicsConfig {
     pub max_message_bytes: usize,
 }
 
+impl TopicsConfig {
+    /// The `min.insync.replicas` topics are created with: the configured value, or 1 when
+    /// the replication factor is 1 and `min(2, replication_factor)` otherwise, so that an
+    /// acknowledged write survives the loss of one broker while one broker may be down.
+    pub fn min_insync_replicas(&self) -> i32 {
+        self.min_insync_replicas
+            .unwrap_or(if self.replication_factor <= 1 {
+                1
+            } else {
+                self.replication_factor.min(2)
+            })
+    }
+}
+
+/// PostgreSQL. The session bounds are set on every pooled connection (startup parameters),
+/// so no transaction, lock wait or statement can hold the views back without end: a
+/// projector stopped inside its transaction (SIGSTOP, a VM paused) loses its session and its
+/// row locks after `idle_in_transaction_timeout`, and the instance that took its partitions
+/// waits at most `lock_timeout` per attempt before it retries. `0s` disables a bound
+/// (PostgreSQL's meaning).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresConfig {
@@ -162,6 +189,22 @@ pub struct PostgresConfig {
     pub max_connections: u32,
     #[serde(with = "humantime_serde")]
     pub acquire_timeout: Duration,
+    /// `idle_in_transaction_session_timeout`: a session idle inside an open transaction for
+    /// longer is ended by the server, which releases its locks.
+    #[serde(with = "humantime_serde")]
+    pub idle_in_transaction_timeout: Duration,
+    /// `lock_timeout`: longest wait of one statement for a lock (a row, a table, an advisory
+    /// lock); the statement then fails with SQLSTATE 55P03, which workers retry.
+    #[serde(with = "humantime_serde")]
+    pub lock_timeout: Duration,
+    /// `statement_timeout` of the services' statements (SQLSTATE 57014 after it, retried).
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+    /// `statement_timeout` of `memosctl`'s commands, which scan, copy or index whole tables
+    /// (verify, cache rebuild, audit, replay); `0s`: unbounded. Migrations and the embedding
+    /// index build are always unbounded: a bound there would stop a process from starting.
+    #[serde(with = "humantime_serde")]
+    pub maintenance_statement_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -245,6 +288,7 @@ impl Default for Config {
                 keys: "memos.keys".into(),
                 partitions: 6,
                 replication_factor: 1,
+                min_insync_replicas: None,
                 create: true,
                 max_message_bytes: 1024 * 1024,
             },
@@ -252,6 +296,10 @@ impl Default for Config {
                 url: Secret::new("postgres://memos@127.0.0.1:15432/memos"),
                 max_connections: 10,
                 acquire_timeout: Duration::from_secs(5),
+                idle_in_transaction_timeout: Duration::from_secs(5),
+                lock_timeout: Duration::from_secs(5),
+                statement_timeout: Duration::from_secs(30),
+                maintenance_statement_timeout: Duration::ZERO,
             },
             redis: RedisConfig {
                 url: Secret::new("redis://127.0.0.1:16379/"),
@@ -355,10 +403,36 @@ mod tests {
                 "secrets never print"
             );
 
+            assert_eq!(config.postgres.lock_timeout, Duration::from_secs(5));
+            assert_eq!(config.postgres.maintenance_statement_timeout, Duration::ZERO);
+
             jail.set_env("MEMOS__HTTP__BINDD", "oops");
             let err = Config::figment(None).extract::<Config>().unwrap_err();
             assert!(err.to_string().contains("bindd"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn min_insync_replicas_defaults_to_two_when_replicated() {
+        let mut topics = Config::default().topics;
+        let by_factor = |topics: &mut TopicsConfig, rf: i32| {
+            topics.replication_factor = rf;
+            topics.min_insync_replicas()
+        };
+        assert_eq!(
+            by_factor(&mut topics, 1),
+            1,
+            "a single replica cannot wait for two"
+        );
+        assert_eq!(by_factor(&mut topics, 2), 2);
+        assert_eq!(
+            by_factor(&mut topics, 3),
+            2,
+            "one broker may be down, one may be lost"
+        );
+        assert_eq!(by_factor(&mut topics, 5), 2);
+        topics.min_insync_replicas = Some(3);
+        assert_eq!(by_factor(&mut topics, 5), 3, "a set value wins");
     }
 }
