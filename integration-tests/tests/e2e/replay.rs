@@ -1065,6 +1065,7 @@ async fn topics_get_min_insync_replicas_and_check_flags_fragile_ones() -> anyhow
         &env.task_commands_topic,
         &env.task_events_topic,
         &env.dead_letter_topic,
+        &env.keys_topic,
     ];
     let specifiers: Vec<ResourceSpecifier<'_>> =
         created.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
