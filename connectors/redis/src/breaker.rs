@@ -27,6 +27,17 @@ enum State {
     },
 }
 
+/// The reads that go through the breaker (the `op` label of its rejections).
+pub const READ_OPS: &[&str] = &[
+    "get_memory",
+    "memory_position",
+    "recent",
+    "position",
+    "inbox",
+    "availability",
+    "ping",
+];
+
 /// Shared by every clone of a [`crate::HotViews`].
 #[derive(Debug)]
 pub struct Breaker {
@@ -49,6 +60,9 @@ impl Breaker {
     pub fn new(cooldown: Duration, probe_bound: Duration) -> Breaker {
         metrics::gauge!(m::REDIS_BREAKER_OPEN).set(0.0);
         metrics::counter!(m::REDIS_BREAKER_OPENS).increment(0);
+        for op in READ_OPS {
+            metrics::counter!(m::REDIS_BREAKER_REJECTED, "op" => *op).increment(0);
+        }
         Breaker {
             state: Mutex::new(State::Closed),
             cooldown,

@@ -11,6 +11,7 @@ use memos_integration_tests::fault::{FaultProxy, Mode, url_addr};
 use memos_integration_tests::{MemosProcess, TestEnv, eventually, metrics_text};
 use memos_redis::HotViews;
 use memos_redis::hot::{HotWrite, Recent};
+use memos_redis::tasks::AgentWrite;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
@@ -300,6 +301,39 @@ async fn reads_skip_a_redis_that_does_not_answer() -> anyhow::Result<()> {
         })
         .await?;
     }
+
+    // The task inbox reads through the same breaker.
+    let direct = HotViews::connect(&env.redis_url, &env.redis_prefix, Duration::from_secs(60)).await?;
+    direct
+        .put_agents(&[AgentWrite {
+            agent_id: "agent-i",
+            revision: 1,
+            inbox: "[]",
+            availability: None,
+        }])
+        .await?;
+    let inbox = api.get("/v1/agents/agent-i/inbox", None, None).await?;
+    assert_eq!(
+        (inbox.status, inbox.body["source"].clone()),
+        (200, json!("redis")),
+        "{}",
+        inbox.body
+    );
+    let before = metrics(&api).await?;
+    redis.set(Mode::Hang);
+    for _ in 0..20 {
+        // PostgreSQL answers: it has never heard of this agent.
+        let inbox = api.get("/v1/agents/agent-i/inbox", None, None).await?;
+        assert_eq!(inbox.status, 404, "{}", inbox.body);
+    }
+    let after = metrics(&api).await?;
+    let rejected = metric(&after, "memos_redis_breaker_rejected_total", &[("op", "inbox")])
+        - metric(&before, "memos_redis_breaker_rejected_total", &[("op", "inbox")]);
+    assert!(
+        rejected >= 10.0,
+        "{rejected} of 20 inbox reads failed fast:\n{after}"
+    );
+    redis.set(Mode::Forward);
     env.cleanup().await;
     Ok(())
 }

@@ -337,6 +337,10 @@ pub async fn get(
             return Ok(([(header::CONTENT_TYPE, "application/json")], doc).into_response());
         }
         Ok(None) => {}
+        // While the breaker is open every read lands here; it logged the outage once.
+        Err(e) if state.hot.breaker_open() => {
+            tracing::debug!(error = %e, "hot view unavailable; reading PostgreSQL")
+        }
         Err(e) => tracing::warn!(error = %e, "hot view unavailable; reading PostgreSQL"),
     }
     let read = queries::memory(&state.pool, reader.as_deref(), memory_id);
