@@ -6,6 +6,7 @@
 //! `REDIS_URL`) or, when unset, from `.stack/env` at the repository root.
 
 pub mod api;
+pub mod fault;
 pub mod metrics_text;
 pub mod process;
 pub mod stack;

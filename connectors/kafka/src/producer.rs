@@ -144,6 +144,43 @@ impl CommandProducer {
     pub fn in_flight(&self) -> i32 {
         self.inner.in_flight_count()
     }
+
+    /// Asks a broker, through this producer's own client (no new connection per call), for
+    /// the metadata of `topic`, and checks that a send could be acknowledged: the topic
+    /// exists and every partition has a leader. Blocks for at most `timeout`: call it from a
+    /// blocking thread.
+    pub fn check_topic(&self, topic: &str, timeout: Duration) -> Result<TopicHealth, KafkaError> {
+        let metadata = self.inner.client().fetch_metadata(Some(topic), timeout)?;
+        let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
+            return Ok(TopicHealth::default());
+        };
+        if found.error().is_some() {
+            return Ok(TopicHealth::default());
+        }
+        Ok(TopicHealth {
+            partitions: found.partitions().len(),
+            without_leader: found
+                .partitions()
+                .iter()
+                .filter(|p| p.leader() < 0 || p.error().is_some())
+                .count(),
+        })
+    }
+}
+
+/// What the broker said about a command topic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TopicHealth {
+    /// 0 when the topic does not exist.
+    pub partitions: usize,
+    /// Partitions that have no leader now: sends to them cannot be acknowledged.
+    pub without_leader: usize,
+}
+
+impl TopicHealth {
+    pub fn writable(&self) -> bool {
+        self.partitions > 0 && self.without_leader == 0
+    }
 }
 
 fn classify(e: KafkaError) -> ProduceError {

@@ -7,12 +7,24 @@
 //! `P:recent:<namespace>` sorted set of the namespace's working memories by creation time,
 //! capped and expiring; `P:position:<topic>:<partition>` the next offset the views have
 //! applied, for read-your-writes.
+//!
+//! Two connections, each with its own bound: reads (a document, a position, a ping) answer
+//! within `read_timeout` or fail, and go through a [circuit breaker](crate::breaker) so a
+//! Redis that is down costs a read microseconds, not reconnect attempts; bulk writes (the
+//! projector's batches, `memosctl cache rebuild`) are sent in pipelines of at most
+//! `max_pipeline` scripts and may take up to `write_timeout`, and never wait behind or block
+//! a read on the same socket.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use memos_runtime::config::RedisConfig;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
+
+use crate::breaker::{Admission, Breaker, is_unavailable};
 
 /// A Redis failure.
 pub type Error = redis::RedisError;
@@ -54,9 +66,43 @@ redis.call('SET', KEYS[1], ARGV[1])
 return 1
 "#;
 
+/// How the hot views talk to Redis (see [`RedisConfig`] for each bound's meaning).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub breaker_cooldown: Duration,
+    pub max_pipeline: usize,
+}
+
+impl From<&RedisConfig> for Settings {
+    fn from(config: &RedisConfig) -> Settings {
+        Settings {
+            read_timeout: config.read_timeout,
+            write_timeout: config.write_timeout,
+            connect_timeout: config.connect_timeout,
+            breaker_cooldown: config.breaker_cooldown,
+            max_pipeline: config.max_pipeline.max(1),
+        }
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings::from(&memos_runtime::Config::default().redis)
+    }
+}
+
 #[derive(Clone)]
 pub struct HotViews {
-    pub(crate) conn: ConnectionManager,
+    /// Reads: bounded by `read_timeout`, behind the breaker.
+    read: ConnectionManager,
+    /// Bulk writes: bounded by `write_timeout`, retried by their callers.
+    write: ConnectionManager,
+    breaker: Arc<Breaker>,
+    read_timeout: Duration,
+    max_pipeline: usize,
     pub(crate) prefix: String,
     ttl: Duration,
     memory_script: Script,
@@ -83,16 +129,85 @@ pub struct HotWrite<'a> {
 }
 
 impl HotViews {
+    /// Connects with the default [`Settings`].
     pub async fn connect(url: &str, prefix: &str, ttl: Duration) -> redis::RedisResult<Self> {
+        Self::connect_with(url, prefix, ttl, &Settings::default()).await
+    }
+
+    /// Connects as configured.
+    pub async fn from_config(config: &RedisConfig) -> redis::RedisResult<Self> {
+        Self::connect_with(
+            config.url.expose(),
+            &config.key_prefix,
+            config.memory_ttl,
+            &Settings::from(config),
+        )
+        .await
+    }
+
+    pub async fn connect_with(
+        url: &str,
+        prefix: &str,
+        ttl: Duration,
+        settings: &Settings,
+    ) -> redis::RedisResult<Self> {
         let client = redis::Client::open(url)?;
-        let conn = ConnectionManager::new(client).await?;
+        let manager = |response_timeout: Duration| {
+            ConnectionManagerConfig::new()
+                .set_response_timeout(Some(response_timeout))
+                .set_connection_timeout(Some(settings.connect_timeout))
+        };
+        let read = ConnectionManager::new_with_config(client.clone(), manager(settings.read_timeout)).await?;
+        let write = ConnectionManager::new_with_config(client, manager(settings.write_timeout)).await?;
+        // A probe answers or times out within the read bound; one silent for twice that was
+        // dropped by its caller.
+        let breaker = Breaker::new(settings.breaker_cooldown, settings.read_timeout * 2);
         Ok(HotViews {
-            conn,
+            read,
+            write,
+            breaker: Arc::new(breaker),
+            read_timeout: settings.read_timeout,
+            max_pipeline: settings.max_pipeline.max(1),
             prefix: prefix.to_owned(),
             ttl,
             memory_script: Script::new(GUARDED_MEMORY),
             position_script: Script::new(GUARDED_POSITION),
         })
+    }
+
+    /// Runs one read through the breaker, bounded by the read timeout. The timeout also
+    /// covers waiting for a reconnect, which the connection manager would otherwise retry
+    /// for seconds.
+    pub(crate) async fn read<T, F, Fut>(&self, op: &'static str, call: F) -> redis::RedisResult<T>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        if self.breaker.admit(op) == Admission::Rejected {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "redis unavailable (circuit breaker open)",
+            )));
+        }
+        let result = match tokio::time::timeout(self.read_timeout, call(self.read.clone())).await {
+            Ok(result) => result,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("redis read timed out after {:?}", self.read_timeout),
+            )
+            .into()),
+        };
+        self.breaker.record(result.as_ref().is_err_and(is_unavailable));
+        result
+    }
+
+    pub(crate) fn max_pipeline(&self) -> usize {
+        self.max_pipeline
+    }
+
+    /// Whether reads are currently skipping Redis.
+    pub fn breaker_open(&self) -> bool {
+        self.breaker.is_open()
     }
 
     fn memory_key(&self, id: &str) -> String {
@@ -115,7 +230,7 @@ impl HotViews {
         pipe: &redis::Pipeline,
         scripts: &[&Script],
     ) -> redis::RedisResult<Vec<i64>> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.write.clone();
         match pipe.query_async(&mut conn).await {
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
                 for script in scripts {
@@ -127,8 +242,18 @@ impl HotViews {
         }
     }
 
-    /// Writes memory documents, each guarded by its log position, in one round trip.
+    /// Writes memory documents, each guarded by its log position, in round trips of at most
+    /// `max_pipeline` scripts. Returns how many were newer than what Redis held. On an error
+    /// some chunks may be written: the guard makes the caller's retry of the whole batch safe.
     pub async fn put_memories(&self, writes: &[HotWrite<'_>]) -> redis::RedisResult<usize> {
+        let mut written = 0;
+        for chunk in writes.chunks(self.max_pipeline) {
+            written += self.put_memory_chunk(chunk).await?;
+        }
+        Ok(written)
+    }
+
+    async fn put_memory_chunk(&self, writes: &[HotWrite<'_>]) -> redis::RedisResult<usize> {
         if writes.is_empty() {
             return Ok(0);
         }
@@ -170,28 +295,40 @@ impl HotViews {
 
     /// The next offset the views will apply in a partition, as far as Redis knows.
     pub async fn position(&self, topic: &str, partition: i32) -> redis::RedisResult<Option<i64>> {
-        self.conn.clone().get(self.position_key(topic, partition)).await
+        let key = self.position_key(topic, partition);
+        self.read("position", |mut c| async move { c.get(key).await })
+            .await
     }
 
     /// The cached document of a memory, if any.
     pub async fn get_memory(&self, id: &str) -> redis::RedisResult<Option<String>> {
-        self.conn.clone().hget(self.memory_key(id), "doc").await
+        let key = self.memory_key(id);
+        self.read("get_memory", |mut c| async move { c.hget(key, "doc").await })
+            .await
     }
 
     /// The log position the cached document of a memory reflects.
     pub async fn memory_position(&self, id: &str) -> redis::RedisResult<Option<i64>> {
-        self.conn.clone().hget(self.memory_key(id), "pos").await
+        let key = self.memory_key(id);
+        self.read("memory_position", |mut c| async move { c.hget(key, "pos").await })
+            .await
     }
 
     /// Ids of a namespace's most recent working memories, newest first.
     pub async fn recent(&self, namespace: &str, limit: isize) -> redis::RedisResult<Vec<String>> {
-        self.conn
-            .clone()
-            .zrevrange(self.recent_key(namespace), 0, limit - 1)
-            .await
+        let key = self.recent_key(namespace);
+        self.read(
+            "recent",
+            |mut c| async move { c.zrevrange(key, 0, limit - 1).await },
+        )
+        .await
     }
 
+    /// One round trip on the read connection, through the breaker (readiness).
     pub async fn ping(&self) -> redis::RedisResult<()> {
-        redis::cmd("PING").query_async(&mut self.conn.clone()).await
+        self.read("ping", |mut c| async move {
+            redis::cmd("PING").query_async(&mut c).await
+        })
+        .await
     }
 }

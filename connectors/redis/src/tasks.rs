@@ -53,9 +53,17 @@ impl HotViews {
         format!("{}:availability:{agent}", self.prefix)
     }
 
-    /// Writes agents' inbox and availability, each guarded by its revision, in one round trip.
-    /// Returns how many were newer than what Redis held.
+    /// Writes agents' inbox and availability, each guarded by its revision, in round trips of
+    /// at most `max_pipeline` scripts. Returns how many were newer than what Redis held.
     pub async fn put_agents(&self, writes: &[AgentWrite<'_>]) -> redis::RedisResult<usize> {
+        let mut written = 0;
+        for chunk in writes.chunks(self.max_pipeline()) {
+            written += self.put_agent_chunk(chunk).await?;
+        }
+        Ok(written)
+    }
+
+    async fn put_agent_chunk(&self, writes: &[AgentWrite<'_>]) -> redis::RedisResult<usize> {
         if writes.is_empty() {
             return Ok(0);
         }
@@ -76,11 +84,15 @@ impl HotViews {
 
     /// An agent's cached inbox (JSON array), `None` when Redis has none.
     pub async fn inbox(&self, agent: &str) -> redis::RedisResult<Option<String>> {
-        self.conn.clone().hget(self.inbox_key(agent), "doc").await
+        let key = self.inbox_key(agent);
+        self.read("inbox", |mut c| async move { c.hget(key, "doc").await })
+            .await
     }
 
     /// An agent's cached availability (JSON object), `None` when Redis has none.
     pub async fn availability(&self, agent: &str) -> redis::RedisResult<Option<String>> {
-        self.conn.clone().hget(self.availability_key(agent), "doc").await
+        let key = self.availability_key(agent);
+        self.read("availability", |mut c| async move { c.hget(key, "doc").await })
+            .await
     }
 }

@@ -3,6 +3,7 @@
 mod adversarial;
 mod crash;
 mod dead_letters;
+mod degraded;
 mod dlq_cli;
 mod foreign_producers;
 mod hostile_http;

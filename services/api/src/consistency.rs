@@ -39,7 +39,12 @@ async fn applied_up_to(state: &AppState, partition: i32) -> Result<i64, ApiError
     match state.hot.position(topic, partition).await {
         Ok(position) => Ok(position.unwrap_or(0)),
         Err(e) => {
-            tracing::warn!(error = %e, "position unavailable in Redis; reading PostgreSQL");
+            // While the breaker is open every wait lands here; it logged the outage once.
+            if state.hot.breaker_open() {
+                tracing::debug!(error = %e, "position unavailable in Redis; reading PostgreSQL");
+            } else {
+                tracing::warn!(error = %e, "position unavailable in Redis; reading PostgreSQL");
+            }
             let stored = memos_postgres::offsets::load(&state.pool, "memory", topic)
                 .await
                 .map_err(|e| ApiError::internal("cannot read the projection position", e))?;

@@ -86,6 +86,10 @@ fn check_dimensions(state: &AppState, embedding: Option<&Vec<f32>>) -> Result<()
 /// move forward, so a memory id that already exists, a forgotten memory, or a version
 /// already past `expected_version` can never become acceptable. Anything else is decided
 /// by the projector in log order (`GET /v1/commands/{id}`).
+///
+/// The check is an optimisation, so writes depend on Kafka alone: when PostgreSQL fails or
+/// does not answer within `memory.conflict_check_timeout`, the command is appended
+/// unchecked (and counted), and the projector still rejects it if it conflicts.
 async fn refuse_certain_conflict(
     state: &AppState,
     memory_id: Uuid,
@@ -93,9 +97,16 @@ async fn refuse_certain_conflict(
     writing: bool,
 ) -> Result<(), ApiError> {
     let read = queries::memory(&state.pool, None, memory_id);
-    let current = observe(m::POSTGRES_SECONDS, m::POSTGRES_ERRORS, "get_memory", read)
-        .await
-        .map_err(|e| ApiError::internal("cannot read the memory", e))?;
+    let bound = state.config.memory.conflict_check_timeout;
+    let read = tokio::time::timeout(
+        bound,
+        observe(m::POSTGRES_SECONDS, m::POSTGRES_ERRORS, "get_memory", read),
+    );
+    let current = match read.await {
+        Ok(Ok(current)) => current,
+        Ok(Err(e)) => return skip_conflict_check("error", &e),
+        Err(_) => return skip_conflict_check("timeout", &format!("no answer within {bound:?}")),
+    };
     let conflict = |message: String| Err(ApiError::new(StatusCode::CONFLICT, "conflict", message));
     match current {
         Some(_) if writing => conflict(format!("memory {memory_id} already exists")),
@@ -109,6 +120,12 @@ async fn refuse_certain_conflict(
         )),
         _ => Ok(()),
     }
+}
+
+fn skip_conflict_check(reason: &'static str, error: &dyn std::fmt::Display) -> Result<(), ApiError> {
+    metrics::counter!(m::CONFLICT_CHECKS_SKIPPED, "reason" => reason).increment(1);
+    tracing::warn!(%error, "conflict pre-check skipped: PostgreSQL did not answer; the projector decides");
+    Ok(())
 }
 
 #[derive(Debug, Deserialize)]
@@ -320,6 +337,10 @@ pub async fn get(
             return Ok(([(header::CONTENT_TYPE, "application/json")], doc).into_response());
         }
         Ok(None) => {}
+        // While the breaker is open every read lands here; it logged the outage once.
+        Err(e) if state.hot.breaker_open() => {
+            tracing::debug!(error = %e, "hot view unavailable; reading PostgreSQL")
+        }
         Err(e) => tracing::warn!(error = %e, "hot view unavailable; reading PostgreSQL"),
     }
     let read = queries::memory(&state.pool, reader.as_deref(), memory_id);

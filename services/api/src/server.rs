@@ -3,11 +3,13 @@
 //! token is cancelled, then stops taking requests, lets the ones in flight finish, and
 //! flushes the producer. The bounds every request meets first are in [`crate::edge`].
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -17,6 +19,7 @@ use memos_kafka::CommandProducer;
 use memos_redis::HotViews;
 use memos_runtime::metrics as m;
 use memos_runtime::{Config, telemetry};
+use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -182,24 +185,153 @@ async fn authorize(State(state): State<AppState>, request: Request, next: Next) 
     next.run(request).await
 }
 
-/// Per-dependency readiness: 200 when PostgreSQL and Redis answer, 503 otherwise.
-async fn ready(State(state): State<AppState>) -> Response {
-    let postgres = sqlx::query("SELECT 1")
-        .execute(&state.pool)
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string());
-    let redis = state.hot.ping().await.map_err(|e| e.to_string());
-    let status = |r: &Result<(), String>| match r {
-        Ok(_) => "ok".to_owned(),
-        Err(e) => format!("error: {e}"),
+/// One dependency's answer to a readiness probe.
+#[derive(Debug, Serialize)]
+struct Check {
+    ok: bool,
+    /// How long the check took, in milliseconds.
+    ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    /// Kafka only: what the broker said about each command topic.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topics: Option<serde_json::Value>,
+}
+
+/// Runs `check` within `bound`: a dependency that does not answer in time is down, so a
+/// hung server costs the probe `bound`, never the client's own timeout.
+async fn check<F>(bound: Duration, check: F) -> Check
+where
+    F: Future<Output = Result<Option<serde_json::Value>, String>>,
+{
+    let start = Instant::now();
+    let outcome = match tokio::time::timeout(bound, check).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(format!("no answer within {bound:?}")),
     };
-    let code = if postgres.is_ok() && redis.is_ok() {
+    let ms = start.elapsed().as_millis() as u64;
+    match outcome {
+        Ok(topics) => Check {
+            ok: true,
+            ms,
+            error: None,
+            topics,
+        },
+        Err(error) => Check {
+            ok: false,
+            ms,
+            error: Some(error),
+            topics: None,
+        },
+    }
+}
+
+/// Kafka can take writes when both command topics exist and every partition has a leader,
+/// as the producer's own client sees the cluster.
+async fn kafka_writable(state: &AppState, bound: Duration) -> Result<Option<serde_json::Value>, String> {
+    let topics = [
+        state.config.topics.memory_commands.clone(),
+        state.config.topics.task_commands.clone(),
+    ];
+    let probe = |topic: String| {
+        let producer = state.producer.clone();
+        tokio::task::spawn_blocking(move || producer.check_topic(&topic, bound))
+    };
+    let (memory, task) = tokio::join!(probe(topics[0].clone()), probe(topics[1].clone()));
+    let answers = [memory, task];
+    let mut report = serde_json::Map::new();
+    let mut problems = Vec::new();
+    for (topic, answer) in topics.iter().zip(answers) {
+        let health = answer
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("metadata of {topic}: {e}"))?;
+        if !health.writable() {
+            problems.push(if health.partitions == 0 {
+                format!("{topic} does not exist")
+            } else {
+                format!("{topic}: {} partition(s) without a leader", health.without_leader)
+            });
+        }
+        report.insert(
+            topic.clone(),
+            serde_json::json!({ "partitions": health.partitions, "without_leader": health.without_leader }),
+        );
+    }
+    if problems.is_empty() {
+        Ok(Some(report.into()))
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadyQuery {
+    /// Comma-separated capabilities the caller needs (`writes`, `reads`, `all`); without it
+    /// the answer is 503 only when the API can do neither.
+    #[serde(default)]
+    require: Option<String>,
+}
+
+/// Per-dependency readiness, every check at once and each within `http.readiness_timeout`.
+/// Writes need Kafka; reads need PostgreSQL; Redis is a cache, so without it the API is
+/// degraded but serves both. 200 while writes or reads are possible (`ready` or
+/// `degraded`), 503 when neither is (`unavailable`) or when a `require`d one is not.
+async fn ready(State(state): State<AppState>, query: Result<Query<ReadyQuery>, QueryRejection>) -> Response {
+    let Query(query) = match query {
+        Ok(query) => query,
+        Err(e) => return ApiError::bad_request(e.body_text()).into_response(),
+    };
+    let (mut need_writes, mut need_reads) = (false, false);
+    for need in query.require.iter().flat_map(|r| r.split(',')) {
+        match need.trim() {
+            "writes" => need_writes = true,
+            "reads" => need_reads = true,
+            "all" => (need_writes, need_reads) = (true, true),
+            other => {
+                return ApiError::bad_request(format!(
+                    "require: unknown capability {other:?} (writes, reads, all)"
+                ))
+                .with_field("require")
+                .into_response();
+            }
+        }
+    }
+    let bound = state.config.http.readiness_timeout;
+    let (kafka, postgres, redis) = tokio::join!(
+        check(bound, kafka_writable(&state, bound)),
+        check(bound, async {
+            sqlx::query("SELECT 1")
+                .execute(&state.pool)
+                .await
+                .map(|_| None)
+                .map_err(|e| e.to_string())
+        }),
+        check(bound, async {
+            state.hot.ping().await.map(|_| None).map_err(|e| e.to_string())
+        }),
+    );
+    let (writes, reads) = (kafka.ok, postgres.ok);
+    let status = if writes && reads && redis.ok {
+        "ready"
+    } else if writes || reads {
+        "degraded"
+    } else {
+        "unavailable"
+    };
+    let missing = (need_writes && !writes) || (need_reads && !reads);
+    let served = (writes || reads) && !missing;
+    let code = if served {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = serde_json::json!({ "postgres": status(&postgres), "redis": status(&redis) });
+    let body = serde_json::json!({
+        "status": status,
+        "writes": writes,
+        "reads": reads,
+        "checks": { "kafka": kafka, "postgres": postgres, "redis": redis },
+    });
     (code, Json(body)).into_response()
 }
 
@@ -243,6 +375,9 @@ impl Api {
         }
         for op in ["get_memory", "recent", "inbox"] {
             metrics::counter!(m::REDIS_ERRORS, "op" => op).increment(0);
+        }
+        for reason in ["error", "timeout"] {
+            metrics::counter!(m::CONFLICT_CHECKS_SKIPPED, "reason" => reason).increment(0);
         }
         let listener = TcpListener::bind(state.config.http.bind).await?;
         let producer = state.producer.clone();

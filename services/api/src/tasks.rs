@@ -315,6 +315,10 @@ pub async fn inbox(
             tracing::warn!(%agent, "unreadable inbox in Redis; reading PostgreSQL");
         }
         Ok((None, _)) => {}
+        // While the breaker is open every read lands here; it logged the outage once.
+        Err(e) if state.hot.breaker_open() => {
+            tracing::debug!(error = %e, "inbox unavailable in Redis; reading PostgreSQL")
+        }
         Err(e) => tracing::warn!(error = %e, "inbox unavailable in Redis; reading PostgreSQL"),
     }
     let availability = read("agent", "the agent", tasks::agent(&state.pool, &agent)).await?;

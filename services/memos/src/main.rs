@@ -105,13 +105,9 @@ async fn run(config: Arc<Config>, role: Role) -> anyhow::Result<()> {
     memos_postgres::pool::ensure_vector_index(&pool, config.memory.embedding_dimensions)
         .await
         .context("cannot create the embedding index")?;
-    let hot = HotViews::connect(
-        config.redis.url.expose(),
-        &config.redis.key_prefix,
-        config.redis.memory_ttl,
-    )
-    .await
-    .context("cannot connect to Redis")?;
+    let hot = HotViews::from_config(&config.redis)
+        .await
+        .context("cannot connect to Redis")?;
     let producer = CommandProducer::new(&config.kafka).context("cannot create the Kafka producer")?;
 
     // The projector role runs both projections: memory commands and task events.

@@ -30,13 +30,9 @@ pub async fn run(config: &Config, command: CacheCommand) -> anyhow::Result<()> {
     let pool = memos_postgres::connect(&config.postgres)
         .await
         .context("E_POSTGRES: cannot connect to PostgreSQL")?;
-    let hot = HotViews::connect(
-        config.redis.url.expose(),
-        &config.redis.key_prefix,
-        config.redis.memory_ttl,
-    )
-    .await
-    .context("E_REDIS: cannot connect to Redis")?;
+    let hot = HotViews::from_config(&config.redis)
+        .await
+        .context("E_REDIS: cannot connect to Redis")?;
     let mut rows = sqlx::query_as::<_, Memory>(
         "SELECT memory_id, namespace, content, tier, tags, metadata, importance, expires_at,
                 embedding::real[] AS embedding, source, version, actor, created_by, created_at,

@@ -245,13 +245,9 @@ pub async fn run(config: &Config, args: PromoteArgs) -> anyhow::Result<()> {
     }
     let sinks = Sinks {
         pool: schema_pool(&url, target).await?,
-        hot: HotViews::connect(
-            config.redis.url.expose(),
-            &config.redis.key_prefix,
-            config.redis.memory_ttl,
-        )
-        .await
-        .context("E_REDIS: cannot connect to Redis")?,
+        hot: HotViews::from_config(&config.redis)
+            .await
+            .context("E_REDIS: cannot connect to Redis")?,
         producer: CommandProducer::new(&config.kafka).context("E_KAFKA: cannot create a producer")?,
         topic: topic.clone(),
         dead_letter_topic: config.topics.dead_letter.clone(),

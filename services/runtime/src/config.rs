@@ -92,6 +92,11 @@ pub struct MemoryConfig {
     /// How long a read carrying a position token waits for the views to reach it.
     #[serde(with = "humantime_serde")]
     pub read_your_writes_timeout: Duration,
+    /// Bound on the read an update or forget makes before appending, to refuse at once what
+    /// the projector would certainly reject. When PostgreSQL does not answer within it, the
+    /// command is appended anyway and the projector decides: writes need only Kafka.
+    #[serde(with = "humantime_serde")]
+    pub conflict_check_timeout: Duration,
 }
 
 /// Wire format of OTLP trace export.
@@ -216,6 +221,22 @@ pub struct RedisConfig {
     /// How long a memory stays in the hot cache after its last write.
     #[serde(with = "humantime_serde")]
     pub memory_ttl: Duration,
+    /// Bound on one read (a cached document, a position, readiness' ping). A read that
+    /// fails or takes longer goes to PostgreSQL and opens the circuit breaker.
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+    /// Bound on one pipeline of writes (a projector batch, a chunk of `memosctl cache
+    /// rebuild`); the caller retries a write that fails.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Bound on establishing a connection.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long reads skip Redis after it failed to answer, before one read probes it again.
+    #[serde(with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
+    /// Most script calls sent in one round trip; a larger write is split.
+    pub max_pipeline: usize,
 }
 
 /// The HTTP edge. Every bound answers instead of holding a connection: a client that is too
@@ -243,6 +264,10 @@ pub struct HttpConfig {
     /// Most `/v1` requests served at once; the ones beyond get `503 overloaded` at once
     /// (with `Retry-After`), never a queue.
     pub max_concurrent_requests: usize,
+    /// Bound on each dependency check of `/readyz` (they run at once, so it bounds the
+    /// whole answer too); a check that takes longer reports its dependency as down.
+    #[serde(with = "humantime_serde")]
+    pub readiness_timeout: Duration,
     /// When set, every `/v1` request must carry `Authorization: Bearer <token>`.
     #[serde(default)]
     pub api_token: Option<Secret>,
@@ -305,6 +330,11 @@ impl Default for Config {
                 url: Secret::new("redis://127.0.0.1:16379/"),
                 key_prefix: "memos".into(),
                 memory_ttl: Duration::from_secs(24 * 3600),
+                read_timeout: Duration::from_millis(250),
+                write_timeout: Duration::from_secs(10),
+                connect_timeout: Duration::from_secs(1),
+                breaker_cooldown: Duration::from_secs(1),
+                max_pipeline: 500,
             },
             http: HttpConfig {
                 bind: "127.0.0.1:8080".parse().expect("valid address"),
@@ -313,6 +343,7 @@ impl Default for Config {
                 header_read_timeout: Duration::from_secs(30),
                 body_read_timeout: Duration::from_secs(10),
                 max_concurrent_requests: 1024,
+                readiness_timeout: Duration::from_secs(1),
                 api_token: None,
             },
             projector: ProjectorConfig {
@@ -337,6 +368,7 @@ impl Default for Config {
             memory: MemoryConfig {
                 embedding_dimensions: 384,
                 read_your_writes_timeout: Duration::from_secs(5),
+                conflict_check_timeout: Duration::from_millis(300),
             },
             telemetry: TelemetryConfig {
                 otlp_endpoint: None,

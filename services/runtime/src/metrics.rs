@@ -54,6 +54,10 @@ pub const POSTGRES_SECONDS: &str = "memos_postgres_operation_seconds";
 pub const POSTGRES_ERRORS: &str = "memos_postgres_errors_total";
 pub const REDIS_SECONDS: &str = "memos_redis_operation_seconds";
 pub const REDIS_ERRORS: &str = "memos_redis_errors_total";
+pub const REDIS_BREAKER_OPEN: &str = "memos_redis_breaker_open";
+pub const REDIS_BREAKER_OPENS: &str = "memos_redis_breaker_opens_total";
+pub const REDIS_BREAKER_REJECTED: &str = "memos_redis_breaker_rejected_total";
+pub const CONFLICT_CHECKS_SKIPPED: &str = "memos_api_conflict_checks_skipped_total";
 pub const PRODUCER_RECORDS: &str = "memos_producer_records_total";
 pub const PRODUCER_BYTES: &str = "memos_producer_bytes_total";
 pub const PRODUCER_ERRORS: &str = "memos_producer_delivery_errors_total";
@@ -185,6 +189,30 @@ pub const CATALOGUE: &[MetricDef] = &[
         kind: Counter,
         labels: &["op"],
         help: "Redis operations that failed.",
+    },
+    MetricDef {
+        name: REDIS_BREAKER_OPEN,
+        kind: Gauge,
+        labels: &[],
+        help: "1 while the Redis read breaker is open or probing (reads go to PostgreSQL), 0 when closed.",
+    },
+    MetricDef {
+        name: REDIS_BREAKER_OPENS,
+        kind: Counter,
+        labels: &[],
+        help: "Times the Redis read breaker opened after Redis failed to answer.",
+    },
+    MetricDef {
+        name: REDIS_BREAKER_REJECTED,
+        kind: Counter,
+        labels: &["op"],
+        help: "Redis reads failed at once by the open breaker, without a network call.",
+    },
+    MetricDef {
+        name: CONFLICT_CHECKS_SKIPPED,
+        kind: Counter,
+        labels: &["reason"],
+        help: "Updates and forgets appended without the conflict pre-check because PostgreSQL did not answer (error, timeout).",
     },
     MetricDef {
         name: PRODUCER_RECORDS,

@@ -730,10 +730,11 @@ async fn run_naive(config: &Config, args: &Args, iso: &mut Isolation, dims: usiz
     let records = read_records(config, iso, wanted).await?;
     let sinks = Sinks {
         pool: pool.clone(),
-        hot: HotViews::connect(
+        hot: HotViews::connect_with(
             config.redis.url.expose(),
             &format!("{}-naive", iso.redis_prefix),
             config.redis.memory_ttl,
+            &memos_redis::hot::Settings::from(&config.redis),
         )
         .await?,
         producer: CommandProducer::new(&config.kafka)?,
