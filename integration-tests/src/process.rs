@@ -154,3 +154,37 @@ impl Drop for MemosProcess {
         }
     }
 }
+
+/// What a `memosctl` run printed and how it ended.
+pub struct CtlOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `memosctl` with `env`'s configuration.
+pub fn memosctl(env: &TestEnv, args: &[&str]) -> anyhow::Result<CtlOutput> {
+    let output = Command::new(binary("memosctl")?)
+        .args(args)
+        .envs(env.process_env())
+        .env_remove("RUST_BACKTRACE")
+        .output()?;
+    Ok(CtlOutput {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8(output.stdout)?,
+        stderr: String::from_utf8(output.stderr)?,
+    })
+}
+
+/// Runs `memosctl`, which must succeed; its stdout.
+pub fn memosctl_ok(env: &TestEnv, args: &[&str]) -> anyhow::Result<String> {
+    let out = memosctl(env, args)?;
+    anyhow::ensure!(
+        out.code == 0,
+        "memosctl {args:?} exited with {}: {}\n{}",
+        out.code,
+        out.stderr,
+        out.stdout
+    );
+    Ok(out.stdout)
+}

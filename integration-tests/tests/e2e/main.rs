@@ -8,6 +8,7 @@ mod dlq_cli;
 mod foreign_producers;
 mod hostile_http;
 mod hot_views;
+mod keys;
 mod memory_path;
 mod memory_pipeline;
 mod observability;
