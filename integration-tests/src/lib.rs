@@ -4,8 +4,11 @@
 //!
 //! The stack's addresses come from the environment (`MEMOS_KAFKA_BROKERS`, `DATABASE_URL`,
 //! `REDIS_URL`) or, when unset, from `.stack/env` at the repository root.
+//!
+//! [`faults`] holds the ledger and checker of the fault-injection suite (`scripts/faults`).
 
 pub mod api;
+pub mod faults;
 pub mod metrics_text;
 pub mod process;
 pub mod stack;

@@ -4,6 +4,7 @@ mod adversarial;
 mod crash;
 mod dead_letters;
 mod dlq_cli;
+mod faults;
 mod foreign_producers;
 mod hostile_http;
 mod hot_views;
