@@ -235,7 +235,7 @@ async fn faults_projector_sigkill_under_writes() -> anyhow::Result<()> {
     let ledger = Arc::new(Ledger::default());
     let load = Load::start(&api.url(""), &ledger, 8, true);
     let kills = size(3, 10);
-    let per_kill = size(300, 2_500);
+    let per_kill = size(200, 1_500);
     for _ in 0..kills {
         acks_beyond(&ledger, ledger.ack_count(), per_kill).await?;
         projector.kill()?;
@@ -267,7 +267,7 @@ async fn faults_broker_kill_and_restart() -> anyhow::Result<()> {
     let _projector = MemosProcess::start(&env, "projector", &small_batches()).await?;
     let ledger = Arc::new(Ledger::default());
     let load = Load::start(&api.url(""), &ledger, 8, false);
-    acks_beyond(&ledger, 0, size(200, 2_000)).await?;
+    acks_beyond(&ledger, 0, size(100, 2_000)).await?;
     stack.run(&["kill", "kafka", "all"])?;
     tokio::time::sleep(Duration::from_secs(size(5, 20))).await;
     let restarted = Instant::now();
@@ -275,7 +275,7 @@ async fn faults_broker_kill_and_restart() -> anyhow::Result<()> {
     let before = ledger.ack_count();
     acks_beyond(&ledger, before, 1).await?;
     let first_ack = restarted.elapsed();
-    acks_beyond(&ledger, before, size(200, 2_000)).await?;
+    acks_beyond(&ledger, before, size(100, 2_000)).await?;
     load.finish().await;
     let (verdict, _) = settle_memory(&env, &ledger).await?;
     let mut figures = Figures::new(
@@ -301,8 +301,8 @@ async fn faults_postgres_stopped() -> anyhow::Result<()> {
     let _projector = MemosProcess::start(&env, "projector", &small_batches()).await?;
     let ledger = Arc::new(Ledger::default());
     let load = Load::start(&api.url(""), &ledger, 8, true);
-    acks_beyond(&ledger, 0, size(200, 2_000)).await?;
-    let outage = size(10, 30);
+    acks_beyond(&ledger, 0, size(100, 2_000)).await?;
+    let outage = size(8, 30);
     stack.run(&["stop", "postgres"])?;
     let during = ledger.ack_count();
     tokio::time::sleep(Duration::from_secs(outage)).await;
@@ -310,7 +310,7 @@ async fn faults_postgres_stopped() -> anyhow::Result<()> {
     let errors_while_down = ledger.errors();
     stack.run(&["start", "postgres"])?;
     let healed = Instant::now();
-    acks_beyond(&ledger, ledger.ack_count(), size(200, 2_000)).await?;
+    acks_beyond(&ledger, ledger.ack_count(), size(100, 2_000)).await?;
     load.finish().await;
     let (verdict, _) = settle_memory(&env, &ledger).await?;
     let mut figures = Figures::new(
@@ -361,7 +361,7 @@ async fn faults_redis_flushall_and_sigkill() -> anyhow::Result<()> {
     let base = api.url("");
     let ledger = Arc::new(Ledger::default());
     let load = Load::start(&base, &ledger, 6, true);
-    acks_beyond(&ledger, 0, size(200, 2_000)).await?;
+    acks_beyond(&ledger, 0, size(100, 2_000)).await?;
     let probe = api::write_probe(&base).await?;
     stack.run(&["flush", "redis"])?;
     let (after_flush, flush_errors) = timed_reads(&base, &probe, "probe", 5).await;
@@ -469,11 +469,11 @@ async fn faults_cluster_loses_leader_then_second_broker() -> anyhow::Result<()> 
     let _projector = MemosProcess::start(&env, "projector", &small_batches()).await?;
     let ledger = Arc::new(Ledger::default());
     let load = Load::start(&api.url(""), &ledger, 8, false);
-    acks_beyond(&ledger, 0, size(200, 2_000)).await?;
+    acks_beyond(&ledger, 0, size(100, 2_000)).await?;
     let isr = min_insync(&env, &env.commands_topic).await?;
     let first = leader(&env, &env.commands_topic, 0)?;
     stack.run(&["kill", "kafka", &first.to_string()])?;
-    acks_beyond(&ledger, ledger.ack_count(), size(200, 2_000)).await?;
+    acks_beyond(&ledger, ledger.ack_count(), size(100, 2_000)).await?;
     let second = eventually("a new leader", CATCH_UP, || async {
         let l = leader(&env, &env.commands_topic, 0)?;
         Ok((l != first && l > 0).then_some(l))
@@ -482,13 +482,13 @@ async fn faults_cluster_loses_leader_then_second_broker() -> anyhow::Result<()> 
     stack.run(&["kill", "kafka", &second.to_string()])?;
     let before = ledger.ack_count();
     let errors_before = ledger.errors().values().sum::<u64>();
-    tokio::time::sleep(Duration::from_secs(size(10, 30))).await;
+    tokio::time::sleep(Duration::from_secs(size(6, 30))).await;
     let acked_on_one = ledger.ack_count() - before;
     let errors_on_one = ledger.errors().values().sum::<u64>() - errors_before;
     // Both at once: the brokers that run are left alone, the two killed start together.
     stack.run(&["start", "kafka", "all"])?;
     let healed = Instant::now();
-    acks_beyond(&ledger, ledger.ack_count(), size(200, 2_000)).await?;
+    acks_beyond(&ledger, ledger.ack_count(), size(100, 2_000)).await?;
     load.finish().await;
     let (verdict, _) = settle_memory(&env, &ledger).await?;
     let mut figures = Figures::new(
@@ -501,7 +501,7 @@ async fn faults_cluster_loses_leader_then_second_broker() -> anyhow::Result<()> 
     figures.notes = format!(
         "command topic min.insync.replicas={isr}; with one broker (and one controller of three) \
          left for {} s: {acked_on_one} writes acknowledged, {errors_on_one} errors",
-        size(10, 30)
+        size(6, 30)
     );
     figures.verify = verify(&env, "memory")?;
     conclude(figures, &verdict)?;
@@ -520,8 +520,8 @@ async fn faults_projector_sigstop() -> anyhow::Result<()> {
     let _second = MemosProcess::start(&env, "projector", &small_batches()).await?;
     let ledger = Arc::new(Ledger::default());
     let load = Load::start(&api.url(""), &ledger, 8, false);
-    acks_beyond(&ledger, 0, size(200, 2_000)).await?;
-    let pause = size(20, 60);
+    acks_beyond(&ledger, 0, size(100, 2_000)).await?;
+    let pause = size(15, 60);
     first.signal("STOP")?;
     let stopped = Instant::now();
     // While the first is stopped, does the other one go on deciding? Time until an ack
@@ -545,7 +545,7 @@ async fn faults_projector_sigstop() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(pause).saturating_sub(stopped.elapsed())).await;
     first.signal("CONT")?;
     let healed = Instant::now();
-    acks_beyond(&ledger, ledger.ack_count(), size(200, 2_000)).await?;
+    acks_beyond(&ledger, ledger.ack_count(), size(100, 2_000)).await?;
     load.finish().await;
     let (verdict, _) = settle_memory(&env, &ledger).await?;
     let mut figures = Figures::new(
@@ -729,7 +729,7 @@ async fn faults_orchestrator_sigkill_under_tasks_and_workflows() -> anyhow::Resu
         if (tasks_done, workflows_done) != last {
             last = (tasks_done, workflows_done);
             still = Instant::now();
-        } else if still.elapsed() > Duration::from_secs(30) {
+        } else if still.elapsed() > Duration::from_secs(20) {
             break last;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
