@@ -4,11 +4,16 @@
 //!
 //! The stack's addresses come from the environment (`MEMOS_KAFKA_BROKERS`, `DATABASE_URL`,
 //! `REDIS_URL`) or, when unset, from `.stack/env` at the repository root.
+//!
+//! [`faults`] holds the ledger and checker of the fault-injection suite (`scripts/faults`);
+//! [`proxy`] a TCP proxy that forwards, hangs, refuses or delays, to fail one process's
+//! dependency without touching the shared stack.
 
 pub mod api;
-pub mod fault;
+pub mod faults;
 pub mod metrics_text;
 pub mod process;
+pub mod proxy;
 pub mod stack;
 pub mod tasks;
 

@@ -123,6 +123,16 @@ impl MemosProcess {
         Ok(())
     }
 
+    /// Sends `signal` (`"STOP"`, `"CONT"`, ...) without waiting: a process frozen or thawed,
+    /// as a stalled host or a debugger would.
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{signal} failed");
+        Ok(())
+    }
+
     /// SIGTERM, then waits for a clean exit.
     pub async fn terminate(&mut self, deadline: Duration) -> anyhow::Result<std::process::ExitStatus> {
         let status = Command::new("kill")

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use memos_integration_tests::api::{Answer, Api};
-use memos_integration_tests::fault::{FaultProxy, Mode, url_addr};
+use memos_integration_tests::proxy::{FaultProxy, Mode, url_addr};
 use memos_integration_tests::{MemosProcess, TestEnv, eventually, metrics_text};
 use memos_redis::HotViews;
 use memos_redis::hot::{HotWrite, Recent};

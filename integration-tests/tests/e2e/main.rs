@@ -5,6 +5,7 @@ mod crash;
 mod dead_letters;
 mod degraded;
 mod dlq_cli;
+mod faults;
 mod foreign_producers;
 mod hostile_http;
 mod hot_views;
