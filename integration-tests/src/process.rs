@@ -198,3 +198,24 @@ pub fn memosctl_ok(env: &TestEnv, args: &[&str]) -> anyhow::Result<String> {
     );
     Ok(out.stdout)
 }
+
+/// Issues an API key with `memosctl keys create` (its args after `--principal NAME --role
+/// ROLE`) into `env`'s keys log; the key.
+pub fn issue_key(env: &TestEnv, principal: &str, role: &str, more: &[&str]) -> anyhow::Result<String> {
+    let mut args = vec![
+        "keys",
+        "create",
+        "--principal",
+        principal,
+        "--role",
+        role,
+        "--json",
+    ];
+    args.extend_from_slice(more);
+    let out = memosctl_ok(env, &args)?;
+    let issued: serde_json::Value = serde_json::from_str(out.trim())?;
+    issued["key"]
+        .as_str()
+        .map(str::to_owned)
+        .context("memosctl keys create printed no key")
+}

@@ -36,7 +36,9 @@ fn reader(config: &Config, suffix: &str) -> anyhow::Result<BaseConsumer<ReadsToE
         .set("group.id", format!("{}-keys", config.kafka.client_id))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "true");
+        .set("enable.partition.eof", "true")
+        // A revocation is read as soon as it is appended, not at the next fetch timeout.
+        .set("fetch.wait.max.ms", "50");
     let consumer: BaseConsumer<ReadsToEnd> = client
         .create_with_context(ReadsToEnd)
         .context("create the keys reader")?;
@@ -85,6 +87,16 @@ impl Followed {
     /// Whether the follower has read the whole log once.
     pub fn caught_up(&self) -> bool {
         self.caught_up.load(Ordering::Acquire)
+    }
+
+    /// Waits until the follower has read the whole log once, or `timeout` passed; whether
+    /// it has.
+    pub async fn wait_caught_up(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !self.caught_up() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.caught_up()
     }
 }
 

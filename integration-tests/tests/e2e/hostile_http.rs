@@ -450,31 +450,32 @@ async fn a_retried_command_answers_one_memory_and_positions_name_real_partitions
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bearer_scheme_is_case_insensitive() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
-    let memos = MemosProcess::start(&env, "api", &[("MEMOS__HTTP__API_TOKEN", "s3cret")]).await?;
+    let key = memos_integration_tests::process::issue_key(&env, "tests", "service", &["--agent", "*"])?;
+    let memos = MemosProcess::start(&env, "api", &[("MEMOS__HTTP__AUTH", "keys")]).await?;
     let http = reqwest::Client::new();
-    let status = |value: &'static str| {
+    let status = |value: String| {
         let request = http
             .get(memos.url("/v1/tools"))
             .header("authorization", value)
             .send();
         async move { Ok::<_, anyhow::Error>(request.await?.status().as_u16()) }
     };
-    for accepted in [
-        "Bearer s3cret",
-        "bearer s3cret",
-        "BEARER s3cret",
-        "bEaReR  s3cret",
-    ] {
-        assert_eq!(status(accepted).await?, 200, "{accepted}");
+    for scheme in ["Bearer ", "bearer ", "BEARER ", "bEaReR  "] {
+        assert_eq!(status(format!("{scheme}{key}")).await?, 200, "{scheme}");
     }
+    let mut wrong = key.clone().into_bytes();
+    let last = wrong.len() - 1;
+    wrong[last] = if wrong[last] == b'A' { b'B' } else { b'A' };
+    let wrong = String::from_utf8(wrong)?;
     for refused in [
-        "Bearer s3cre",
-        "Bearer s3cret2",
-        "Basic s3cret",
-        "bearer",
-        "s3cret",
+        format!("Bearer {}", &key[..key.len() - 1]),
+        format!("Bearer {key}2"),
+        format!("Bearer {wrong}"),
+        format!("Basic {key}"),
+        "bearer".to_owned(),
+        key.clone(),
     ] {
-        assert_eq!(status(refused).await?, 401, "{refused}");
+        assert_eq!(status(refused.clone()).await?, 401, "{refused}");
     }
     env.cleanup().await;
     Ok(())

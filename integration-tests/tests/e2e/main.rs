@@ -1,6 +1,7 @@
 //! End-to-end suites against the real stack, compiled into one test binary.
 
 mod adversarial;
+mod auth;
 mod crash;
 mod dead_letters;
 mod degraded;

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use memos_integration_tests::process::issue_key;
 use memos_integration_tests::{MemosProcess, TestEnv, eventually};
 use serde_json::{Value, json};
 
@@ -97,11 +98,12 @@ async fn publish_over_http_then_read_back() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_clear_errors_and_append_nothing() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
-    let memos = MemosProcess::start(&env, "api", &[("MEMOS__HTTP__API_TOKEN", "s3cret")]).await?;
+    let key = issue_key(&env, "tests", "service", &["--agent", "*"])?;
+    let memos = MemosProcess::start(&env, "api", &[("MEMOS__HTTP__AUTH", "keys")]).await?;
     let http = reqwest::Client::new();
     let post = |body: String| {
         http.post(memos.url("/v1/memories"))
-            .bearer_auth("s3cret")
+            .bearer_auth(&key)
             .header("content-type", "application/json")
             .body(body)
             .send()
@@ -176,7 +178,7 @@ async fn bad_requests_get_clear_errors_and_append_nothing() -> anyhow::Result<()
     }
     let not_found = http
         .get(memos.url(&format!("/v1/memories/{}", uuid::Uuid::new_v4())))
-        .bearer_auth("s3cret")
+        .bearer_auth(&key)
         .send()
         .await?;
     assert_eq!(not_found.status(), 404);

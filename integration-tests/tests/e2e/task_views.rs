@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use memos_integration_tests::process::issue_key;
 use memos_integration_tests::{MemosProcess, TestEnv, eventually};
 use memos_schemas::task::{TaskCommand, TaskEvent, TaskEventType};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -668,11 +669,12 @@ fn command_at(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn task_requests_are_validated_routed_and_answered() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
+    let key = issue_key(&env, "tests", "service", &["--agent", "*"])?;
     let api = MemosProcess::start(
         &env,
         "api",
         &[
-            ("MEMOS__HTTP__API_TOKEN", "s3cret"),
+            ("MEMOS__HTTP__AUTH", "keys"),
             ("MEMOS__MEMORY__READ_YOUR_WRITES_TIMEOUT", "300ms"),
         ],
     )
@@ -680,7 +682,7 @@ async fn task_requests_are_validated_routed_and_answered() -> anyhow::Result<()>
     let http = reqwest::Client::new();
     let post = |path: &str, body: String| {
         http.post(api.url(path))
-            .bearer_auth("s3cret")
+            .bearer_auth(&key)
             .header("content-type", "application/json")
             .body(body)
             .send()
@@ -874,7 +876,7 @@ async fn task_requests_are_validated_routed_and_answered() -> anyhow::Result<()>
     }
     let not_json = http
         .post(api.url("/v1/tasks"))
-        .bearer_auth("s3cret")
+        .bearer_auth(&key)
         .body("{}")
         .send()
         .await?;
@@ -885,7 +887,7 @@ async fn task_requests_are_validated_routed_and_answered() -> anyhow::Result<()>
         "/v1/agents/nobody/inbox",
         "/v1/workflow-templates/none",
     ] {
-        let response = http.get(api.url(path)).bearer_auth("s3cret").send().await?;
+        let response = http.get(api.url(path)).bearer_auth(&key).send().await?;
         assert_eq!(response.status(), 404, "{path}");
         assert_eq!(response.json::<Value>().await?["code"], "not_found");
     }
@@ -896,7 +898,7 @@ async fn task_requests_are_validated_routed_and_answered() -> anyhow::Result<()>
     ] {
         let response = http
             .get(api.url("/v1/orchestrator/stats"))
-            .bearer_auth("s3cret")
+            .bearer_auth(&key)
             .header("x-memos-command", header)
             .send()
             .await?;

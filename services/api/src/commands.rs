@@ -19,11 +19,9 @@ use memos_schemas::task::TaskCommand;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::server::AppState;
-
-/// Header naming who issues a command; defaults to the agent that owns the namespace.
-pub const ACTOR_HEADER: &str = "x-memos-actor";
 
 /// What every command needs besides its own fields.
 pub struct Header {
@@ -36,15 +34,16 @@ pub struct Header {
     pub tracestate: Option<String>,
 }
 
-/// The header of a command issued by this request on behalf of `namespace`.
-pub fn header(headers: &HeaderMap, namespace: &str, command_id: Option<Uuid>) -> Result<Header, ApiError> {
-    let actor = match headers.get(ACTOR_HEADER) {
-        Some(value) => value
-            .to_str()
-            .map_err(|_| ApiError::bad_request("x-memos-actor is not text").with_field("actor"))?
-            .to_owned(),
-        None => namespace.to_owned(),
-    };
+/// The header of a command issued by this request for `subject` (the namespace or agent it
+/// acts on; `None` when it acts for no agent). The actor comes from the caller's principal,
+/// which must be allowed to act for `subject` ([`Caller::acting_for`]).
+pub fn header(
+    caller: &Caller,
+    headers: &HeaderMap,
+    subject: Option<&str>,
+    command_id: Option<Uuid>,
+) -> Result<Header, ApiError> {
+    let actor = caller.acting_for(headers, subject)?;
     // The request span continues the caller's trace (see server::observe); the command
     // carries that span's context through Kafka to the projector.
     let (traceparent, tracestate) = match telemetry::current_traceparent() {
@@ -229,9 +228,13 @@ pub struct CommandStatus {
 
 pub async fn status(
     State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<CommandStatus>, ApiError> {
     let command_id = crate::memories::parse_uuid("command_id", &id)?;
+    // What an agent may learn of a command: its own (or its granted namespaces').
+    let reader = caller.reader(&headers)?;
     let row = observe(
         m::POSTGRES_SECONDS,
         m::POSTGRES_ERRORS,
@@ -241,6 +244,10 @@ pub async fn status(
     .await
     .map_err(|e| ApiError::internal("cannot read the command status", e))?;
     if let Some(row) = row {
+        if reader.as_ref().is_some_and(|r| *r != row.namespace) && !caller.may_write(&row.namespace) {
+            // Not told apart from a command never decided.
+            return Err(ApiError::not_found(format!("no command {command_id} of yours")));
+        }
         return Ok(Json(CommandStatus {
             command_id,
             status: row.status.clone(),

@@ -5,6 +5,7 @@
 //! record's partition and offset. Every error is a JSON body `{code, message, field?}` with a
 //! 4xx or 5xx status; database and broker internals never reach the client.
 //!
+//! - [`auth`]: who is asking: API keys, the actor and the reader from the principal.
 //! - [`commands`]: appending commands; their status.
 //! - [`consistency`]: read-your-writes with position tokens.
 //! - [`edge`]: the bounds every request meets first: timeouts, concurrency, parameters.
@@ -14,6 +15,7 @@
 //! - [`server`]: the router, the listener and graceful shutdown.
 //! - [`tasks`]: agents, tasks, workflow templates and workflows: commands and queries.
 
+pub mod auth;
 pub mod commands;
 pub mod consistency;
 pub mod edge;

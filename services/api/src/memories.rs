@@ -10,9 +10,11 @@
 //! answered then, except that embeddings are `null` (the history keeps their dimension
 //! only) and read access is judged by today's shares.
 //!
-//! Reads name the asking agent in `X-Memos-Agent`; when present, only what that agent may read
-//! (its namespace plus shares) is answered, and anything else is a 404. Search always needs
-//! the asking agent. Every read honours `X-Memos-Position` (read-your-writes).
+//! Reads are made as the caller's reader ([`crate::auth::Caller::reader`]: an agent's key reads
+//! as that agent, a service's as the agent it names in `X-Memos-Agent`, auditors and
+//! operators everything): only what that agent may read (its namespace plus shares) is
+//! answered, and anything else is a 404. Search reads as its `agent_id`, which must be the
+//! caller's reader. Every read honours `X-Memos-Position` (read-your-writes).
 
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
@@ -29,28 +31,15 @@ use memos_schemas::{ForgetMemory, MemoryCommand, Tier, UpdateMemory, WriteMemory
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::auth::Caller;
 use crate::commands::{self, Accepted};
 use crate::consistency;
 use crate::error::ApiError;
 use crate::server::AppState;
 
-/// Header naming the agent on whose behalf a read is made.
-pub const AGENT_HEADER: &str = "x-memos-agent";
-
 pub fn parse_uuid(field: &str, value: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(value)
         .map_err(|_| ApiError::bad_request(format!("{field} must be a UUID")).with_field(field))
-}
-
-fn reader(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    headers
-        .get(AGENT_HEADER)
-        .map(|v| {
-            v.to_str()
-                .map(str::to_owned)
-                .map_err(|_| ApiError::bad_request("X-Memos-Agent is not text"))
-        })
-        .transpose()
 }
 
 fn metadata_json(metadata: Option<serde_json::Value>) -> Result<Option<String>, ApiError> {
@@ -156,11 +145,12 @@ pub struct WriteMemoryRequest {
 
 pub async fn write(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Json<WriteMemoryRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let Json(request) = body?;
-    let h = commands::header(&headers, &request.agent_id, request.command_id)?;
+    let h = commands::header(&caller, &headers, Some(&request.agent_id), request.command_id)?;
     check_dimensions(&state, request.embedding.as_ref())?;
     // Derived from the command id, so a retried command names the same memory every time.
     let memory_id = request
@@ -219,12 +209,13 @@ pub struct UpdateMemoryRequest {
 pub async fn update(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Json<UpdateMemoryRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let memory_id = parse_uuid("memory_id", &id)?;
     let Json(request) = body?;
-    let h = commands::header(&headers, &request.agent_id, request.command_id)?;
+    let h = commands::header(&caller, &headers, Some(&request.agent_id), request.command_id)?;
     check_dimensions(&state, request.embedding.as_ref())?;
     refuse_certain_conflict(&state, memory_id, request.expected_version, false).await?;
     let command = MemoryCommand::Update(UpdateMemory {
@@ -262,12 +253,13 @@ pub struct ForgetMemoryRequest {
 pub async fn forget(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Json<ForgetMemoryRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let memory_id = parse_uuid("memory_id", &id)?;
     let Json(request) = body?;
-    let h = commands::header(&headers, &request.agent_id, request.command_id)?;
+    let h = commands::header(&caller, &headers, Some(&request.agent_id), request.command_id)?;
     refuse_certain_conflict(&state, memory_id, request.expected_version, false).await?;
     let command = MemoryCommand::Forget(ForgetMemory {
         command_id: h.command_id,
@@ -292,13 +284,14 @@ pub struct GetParams {
 pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    caller: Caller,
     headers: HeaderMap,
     params: Result<Query<GetParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let memory_id = parse_uuid("memory_id", &id)?;
     validate::check_time_param("as_of", params.as_of.as_ref()).map_err(ApiError::bad_param)?;
-    let reader = reader(&headers)?;
+    let reader = caller.reader(&headers)?;
     consistency::wait_for(&state, &headers).await?;
     let not_found = || ApiError::not_found(format!("no memory {memory_id}"));
     if let Some(at) = params.as_of {
@@ -355,10 +348,11 @@ pub async fn get(
 pub async fn history(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    caller: Caller,
     headers: HeaderMap,
 ) -> Result<Json<Vec<HistoryRow>>, ApiError> {
     let memory_id = parse_uuid("memory_id", &id)?;
-    let reader = reader(&headers)?;
+    let reader = caller.reader(&headers)?;
     consistency::wait_for(&state, &headers).await?;
     let rows = observe(
         m::POSTGRES_SECONDS,
@@ -447,11 +441,12 @@ fn split_tags(text: Option<String>) -> Option<Vec<String>> {
 pub async fn list(
     State(state): State<AppState>,
     Path(agent): Path<String>,
+    caller: Caller,
     headers: HeaderMap,
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<Page>, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let reader = reader(&headers)?;
+    let reader = caller.reader(&headers)?;
     let limit = params.limit.unwrap_or(50);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::bad_request(format!("limit must be 1 to {MAX_PAGE}")).with_field("limit"));
@@ -516,9 +511,10 @@ pub async fn list(
 pub async fn recent(
     State(state): State<AppState>,
     Path(agent): Path<String>,
+    caller: Caller,
     headers: HeaderMap,
 ) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
-    if let Some(reader) = reader(&headers)?
+    if let Some(reader) = caller.reader(&headers)?
         && reader != agent
     {
         return Err(ApiError::not_found("working memory is private to its agent"));
@@ -567,6 +563,7 @@ pub struct SearchResults {
 
 pub async fn search(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Json<SearchRequest>, JsonRejection>,
 ) -> Result<Json<SearchResults>, ApiError> {
@@ -577,6 +574,19 @@ pub async fn search(
     }
     check_dimensions(&state, request.embedding.as_ref())?;
     validate::check_param("agent_id", &request.agent_id).map_err(ApiError::bad_param)?;
+    // The search reads as `agent_id`, which must be the caller's reader (an auditor or
+    // operator may search as anyone).
+    if let Some(reader) = caller.reader(&headers)?
+        && reader != request.agent_id
+    {
+        return Err(crate::auth::deny(
+            StatusCode::FORBIDDEN,
+            "impersonation",
+            caller.name(),
+            format!("{reader} may not search as {}", request.agent_id),
+        )
+        .with_field("agent_id"));
+    }
     let query = request
         .query
         .filter(|q| !q.trim().is_empty())

@@ -14,6 +14,7 @@ use memos_schemas::{MemoryCommand, RegisterTool, RevokeShare, ShareMemory};
 use serde::Deserialize;
 use uuid::Uuid;
 
+use crate::auth::Caller;
 use crate::commands::{self, Accepted};
 use crate::error::ApiError;
 use crate::server::AppState;
@@ -33,28 +34,31 @@ pub struct ShareRequest {
 
 pub async fn share(
     state: State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Json<ShareRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    share_or_revoke(state, headers, body, true).await
+    share_or_revoke(state, caller, headers, body, true).await
 }
 
 pub async fn revoke(
     state: State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Json<ShareRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    share_or_revoke(state, headers, body, false).await
+    share_or_revoke(state, caller, headers, body, false).await
 }
 
 async fn share_or_revoke(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Json<ShareRequest>, JsonRejection>,
     grant: bool,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let Json(r) = body?;
-    let h = commands::header(&headers, &r.agent_id, r.command_id)?;
+    let h = commands::header(&caller, &headers, Some(&r.agent_id), r.command_id)?;
     let memory_id = r.memory_id.map(|id| id.to_string());
     let command = if grant {
         MemoryCommand::Share(ShareMemory {
@@ -96,11 +100,12 @@ pub struct ToolRequest {
 
 pub async fn register_tool(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Json<ToolRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let Json(r) = body?;
-    let h = commands::header(&headers, &r.agent_id, r.command_id)?;
+    let h = commands::header(&caller, &headers, Some(&r.agent_id), r.command_id)?;
     let command = MemoryCommand::RegisterTool(RegisterTool {
         command_id: h.command_id,
         namespace: r.agent_id,

@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::auth::{self, Authenticator};
 use crate::edge::{self, Edge};
 use crate::error::ApiError;
 use crate::{commands, memories, registry, tasks};
@@ -36,6 +37,7 @@ pub struct AppState {
     pub producer: CommandProducer,
     pub pool: PgPool,
     pub hot: HotViews,
+    pub auth: Authenticator,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -70,7 +72,10 @@ pub fn router(state: AppState) -> Router {
         // Innermost first: parameters, body, token, time, concurrency (see crate::edge).
         .route_layer(middleware::from_fn(edge::check_params))
         .route_layer(middleware::from_fn_with_state(edge.clone(), edge::read_body))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .route_layer(middleware::from_fn_with_state(
+            state.auth.clone(),
+            auth::authenticate,
+        ))
         .route_layer(middleware::from_fn_with_state(edge.clone(), edge::limit_time))
         .route_layer(middleware::from_fn_with_state(edge, edge::limit_concurrency));
     Router::new()
@@ -145,44 +150,6 @@ async fn observe(request: Request, next: Next) -> Response {
     metrics::counter!(m::HTTP_REQUESTS, "method" => method, "route" => route, "status" => status.to_string())
         .increment(1);
     response
-}
-
-/// The token of an `Authorization` value of the `Bearer` scheme; the scheme name is
-/// case-insensitive (RFC 9110 section 11.1), and spaces may separate it from the token.
-fn bearer_token(value: &str) -> Option<&str> {
-    let (scheme, token) = value.split_once(' ')?;
-    let token = token.trim_start_matches(' ');
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-}
-
-/// Compares in time that depends only on the lengths, so the answer's timing does not reveal
-/// how much of a guessed token is right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let difference = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    std::hint::black_box(difference) == 0
-}
-
-/// Checks the bearer token when one is configured.
-async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if let Some(token) = &state.config.http.api_token {
-        let presented = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(bearer_token);
-        if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.expose().as_bytes())) {
-            return ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "missing or wrong bearer token",
-            )
-            .into_response();
-        }
-    }
-    next.run(request).await
 }
 
 /// One dependency's answer to a readiness probe.
@@ -405,29 +372,5 @@ impl Api {
             .inspect(|e| tracing::warn!(error = %e, "producer flush incomplete"));
         tracing::info!("api stopped");
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_bearer_scheme_is_case_insensitive_and_the_token_exact() {
-        for value in [
-            "Bearer s3cret",
-            "bearer s3cret",
-            "BEARER s3cret",
-            "bEaReR   s3cret",
-        ] {
-            assert_eq!(bearer_token(value), Some("s3cret"), "{value}");
-        }
-        for value in ["Basic s3cret", "Bearer", "Bearer ", "Bearers3cret", "s3cret"] {
-            assert_eq!(bearer_token(value), None, "{value}");
-        }
-        assert!(constant_time_eq(b"s3cret", b"s3cret"));
-        assert!(!constant_time_eq(b"s3cret", b"s3creT"));
-        assert!(!constant_time_eq(b"s3cret", b"s3cre"));
-        assert!(!constant_time_eq(b"", b"x"));
     }
 }

@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use crate::auth::{self, Caller};
 use crate::commands::{self, Accepted, TaskIds};
 use crate::error::ApiError;
 use crate::server::AppState;
@@ -159,11 +160,12 @@ pub struct RegisterAgentRequest {
 
 pub async fn register_agent(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Json<RegisterAgentRequest>, JsonRejection>,
 ) -> Answer {
     let Json(request) = body?;
-    let h = commands::header(&headers, &request.agent_id, request.command_id)?;
+    let h = commands::header(&caller, &headers, Some(&request.agent_id), request.command_id)?;
     let agent_id = request.agent_id.clone();
     let command = TaskCommand::RegisterAgent(RegisterAgent {
         command_id: h.command_id,
@@ -193,11 +195,12 @@ pub struct CommandIdOnly {
 pub async fn heartbeat(
     State(state): State<AppState>,
     Path(agent): Path<String>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Answer {
     let request: CommandIdOnly = optional_body(body)?;
-    let h = commands::header(&headers, &agent, request.command_id)?;
+    let h = commands::header(&caller, &headers, Some(&agent), request.command_id)?;
     let command = TaskCommand::Heartbeat(AgentHeartbeat {
         command_id: h.command_id,
         actor: h.actor,
@@ -215,11 +218,12 @@ pub async fn heartbeat(
 pub async fn deregister_agent(
     State(state): State<AppState>,
     Path(agent): Path<String>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Answer {
     let request: CommandIdOnly = optional_body(body)?;
-    let h = commands::header(&headers, &agent, request.command_id)?;
+    let h = commands::header(&caller, &headers, Some(&agent), request.command_id)?;
     let command = TaskCommand::DeregisterAgent(DeregisterAgent {
         command_id: h.command_id,
         actor: h.actor,
@@ -281,8 +285,10 @@ pub struct Inbox {
 pub async fn inbox(
     State(state): State<AppState>,
     Path(agent): Path<String>,
+    caller: Caller,
     headers: HeaderMap,
 ) -> Result<Json<Inbox>, ApiError> {
+    caller.may_read_agent(&headers, &agent)?;
     // After a wait, PostgreSQL has the decisions; Redis follows it by a moment.
     let cached = if wait_for_commands(&state, &headers).await? {
         Ok((None, None))
@@ -362,11 +368,12 @@ pub struct DelegateRequest {
 
 pub async fn delegate(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Json<DelegateRequest>, JsonRejection>,
 ) -> Answer {
     let Json(request) = body?;
-    let h = commands::header(&headers, "api", request.command_id)?;
+    let h = commands::header(&caller, &headers, None, request.command_id)?;
     let chosen = request.task_id.is_some();
     let task_id = request.task_id.unwrap_or_else(|| Uuid::now_v7().to_string());
     let command = TaskCommand::Delegate(DelegateTask {
@@ -436,10 +443,25 @@ pub struct TaskPage {
 /// `GET /v1/tasks?agent_id&status&workflow_id&limit&cursor`.
 pub async fn list_tasks(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     params: Result<Query<ListTasksParams>, QueryRejection>,
 ) -> Result<Json<TaskPage>, ApiError> {
-    let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let Query(mut params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    // An agent lists its own tasks (a service those of the agent it reads for).
+    if let Some(reader) = caller.reader(&headers)? {
+        match &params.agent_id {
+            Some(agent) if *agent != reader => {
+                return Err(auth::deny(
+                    StatusCode::FORBIDDEN,
+                    "not_own_agent",
+                    caller.name(),
+                    format!("{reader} may list only its own tasks"),
+                ));
+            }
+            _ => params.agent_id = Some(reader),
+        }
+    }
     if let Some(status) = params.status.as_deref()
         && !TASK_STATUSES.contains(&status)
     {
@@ -495,11 +517,29 @@ pub struct TaskWithHistory {
 pub async fn task(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    caller: Caller,
     headers: HeaderMap,
 ) -> Result<Json<TaskWithHistory>, ApiError> {
+    let reader = caller.reader(&headers)?;
     wait_for_commands(&state, &headers).await?;
     let task = read("task", "the task", tasks::task(&state.pool, &id)).await?;
     let events = read("task", "the task's history", tasks::task_events(&state.pool, &id)).await?;
+    // An agent reads the tasks it delegated or was assigned; not told apart from none.
+    if let Some(reader) = reader {
+        let involved = |agent: Option<&String>, actor: Option<&String>| {
+            agent.is_some_and(|a| *a == reader)
+                || actor.is_some_and(|a| *a == reader || a.starts_with(&format!("{reader} via ")))
+        };
+        let mine = task
+            .as_ref()
+            .is_some_and(|t| involved(t.agent_id.as_ref(), t.actor.as_ref()))
+            || events
+                .iter()
+                .any(|e| involved(e.agent_id.as_ref(), e.actor.as_ref()));
+        if !mine {
+            return Err(ApiError::not_found(format!("no task {id} of yours")));
+        }
+    }
     match task {
         Some(task) => Ok(Json(TaskWithHistory { task, events })),
         // Only rejected commands name it (a refused delegation): say why.
@@ -569,11 +609,12 @@ pub struct StartRequest {
 pub async fn start(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Json<StartRequest>, JsonRejection>,
 ) -> Answer {
     let Json(request) = body?;
-    let h = commands::header(&headers, &request.agent_id, request.command_id)?;
+    let h = commands::header(&caller, &headers, Some(&request.agent_id), request.command_id)?;
     let command = TaskCommand::Start(StartTask {
         command_id: h.command_id,
         actor: h.actor,
@@ -607,11 +648,12 @@ pub struct CompleteRequest {
 pub async fn complete(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Json<CompleteRequest>, JsonRejection>,
 ) -> Answer {
     let Json(request) = body?;
-    let h = commands::header(&headers, &request.agent_id, request.command_id)?;
+    let h = commands::header(&caller, &headers, Some(&request.agent_id), request.command_id)?;
     let command = TaskCommand::Complete(CompleteTask {
         command_id: h.command_id,
         actor: h.actor,
@@ -648,11 +690,12 @@ pub struct FailRequest {
 pub async fn fail(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Json<FailRequest>, JsonRejection>,
 ) -> Answer {
     let Json(request) = body?;
-    let h = commands::header(&headers, &request.agent_id, request.command_id)?;
+    let h = commands::header(&caller, &headers, Some(&request.agent_id), request.command_id)?;
     let command = TaskCommand::Fail(FailTask {
         command_id: h.command_id,
         actor: h.actor,
@@ -687,11 +730,12 @@ pub struct CancelRequest {
 pub async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Answer {
     let request: CancelRequest = optional_body(body)?;
-    let h = commands::header(&headers, "api", request.command_id)?;
+    let h = commands::header(&caller, &headers, None, request.command_id)?;
     let command = TaskCommand::Cancel(CancelTask {
         command_id: h.command_id,
         actor: h.actor,
@@ -733,11 +777,12 @@ pub struct DefineTemplateRequest {
 
 pub async fn define_template(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Json<DefineTemplateRequest>, JsonRejection>,
 ) -> Answer {
     let Json(request) = body?;
-    let h = commands::header(&headers, "api", request.command_id)?;
+    let h = commands::header(&caller, &headers, None, request.command_id)?;
     let version = request.version.unwrap_or(1);
     let name = request.name.clone();
     let command = TaskCommand::DefineTemplate(DefineWorkflowTemplate {
@@ -823,11 +868,12 @@ pub struct StartWorkflowRequest {
 
 pub async fn start_workflow(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Json<StartWorkflowRequest>, JsonRejection>,
 ) -> Answer {
     let Json(request) = body?;
-    let h = commands::header(&headers, "api", request.command_id)?;
+    let h = commands::header(&caller, &headers, None, request.command_id)?;
     let chosen = request.workflow_id.is_some();
     let workflow_id = request.workflow_id.unwrap_or_else(|| Uuid::now_v7().to_string());
     let command = TaskCommand::StartWorkflow(StartWorkflow {
@@ -989,7 +1035,11 @@ pub struct AgentLoad {
     pub max_concurrent: i32,
 }
 
-pub async fn stats(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Stats>, ApiError> {
+pub async fn stats(
+    State(state): State<AppState>,
+    _caller: Caller,
+    headers: HeaderMap,
+) -> Result<Json<Stats>, ApiError> {
     wait_for_commands(&state, &headers).await?;
     let figures = read("orchestrator_stats", "the figures", tasks::stats(&state.pool)).await?;
     let agents = read("agents", "the agents", tasks::agents(&state.pool, None)).await?;

@@ -3,6 +3,7 @@
 //! `memos_runtime::config`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 /// mimalloc returns memory to the system between batches; glibc's allocator fragments under
 /// the projector's pattern of large, short-lived batch buffers and its RSS creeps up.
@@ -11,12 +12,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use memos_api::auth::Authenticator;
 use memos_api::{Api, AppState};
 use memos_kafka::CommandProducer;
 use memos_kafka::admin::{all_topics, ensure_topics};
 use memos_orchestrator::Orchestrator;
 use memos_projector::{Projector, TaskProjector};
 use memos_redis::HotViews;
+use memos_runtime::config::AuthMode;
 use memos_runtime::{Config, shutdown, telemetry};
 use tokio_util::sync::CancellationToken;
 
@@ -128,11 +131,33 @@ async fn run(config: Arc<Config>, role: Role) -> anyhow::Result<()> {
     }
 
     if role != Role::Projector {
+        let auth = match config.http.auth {
+            AuthMode::Keys => {
+                let followed = memos_kafka::keys::follow(config.clone(), shutdown.child_token());
+                // Serve once the keys issued so far are known, so that none is refused at start.
+                if !followed.wait_caught_up(Duration::from_secs(30)).await {
+                    tracing::warn!("the keys log was not read within 30 s; unknown keys get 503 until it is");
+                }
+                Authenticator::Keys(followed)
+            }
+            AuthMode::None => {
+                anyhow::ensure!(
+                    config.http.bind.ip().is_loopback(),
+                    "http.auth = \"none\" believes every request's headers: it is refused on {}, which is not a loopback address",
+                    config.http.bind
+                );
+                tracing::warn!(
+                    "http.auth = \"none\": requests are not authenticated; every client may act as any agent"
+                );
+                Authenticator::None
+            }
+        };
         let state = AppState {
             config: config.clone(),
             producer: producer.clone(),
             pool,
             hot,
+            auth,
         };
         let api = Api::bind(state)
             .await

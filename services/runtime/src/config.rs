@@ -268,9 +268,18 @@ pub struct HttpConfig {
     /// whole answer too); a check that takes longer reports its dependency as down.
     #[serde(with = "humantime_serde")]
     pub readiness_timeout: Duration,
-    /// When set, every `/v1` request must carry `Authorization: Bearer <token>`.
-    #[serde(default)]
-    pub api_token: Option<Secret>,
+    /// How `/v1` requests are bound to a principal: `keys` (every request carries an API
+    /// key, `Authorization: Bearer memos_...`; see `docs/security.md`) or `none` (the
+    /// `X-Memos-Agent` and `X-Memos-Actor` headers are believed; only on a loopback
+    /// address, for a single-user laptop or tests).
+    pub auth: AuthMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    Keys,
+    None,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -344,7 +353,7 @@ impl Default for Config {
                 body_read_timeout: Duration::from_secs(10),
                 max_concurrent_requests: 1024,
                 readiness_timeout: Duration::from_secs(1),
-                api_token: None,
+                auth: AuthMode::Keys,
             },
             projector: ProjectorConfig {
                 group_id: "memos-projector".into(),

@@ -466,6 +466,10 @@ mod tests {
         };
         assert!(!auditor.may_write("audit") && auditor.reads_everything());
         assert_eq!("operator".parse::<Role>(), Ok(Role::Operator));
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
+        assert!(!constant_time_eq(b"s3cret", b"s3creT"));
+        assert!(!constant_time_eq(b"s3cret", b"s3cre"));
+        assert!(!constant_time_eq(b"", b"x"));
         assert!("root".parse::<Role>().is_err());
     }
 }

@@ -66,6 +66,7 @@ pub const PRODUCER_QUEUE: &str = "memos_producer_queue_depth";
 pub const HTTP_REQUESTS: &str = "memos_http_requests_total";
 pub const HTTP_SECONDS: &str = "memos_http_request_duration_seconds";
 pub const HTTP_IN_FLIGHT: &str = "memos_http_requests_in_flight";
+pub const HTTP_DENIED: &str = "memos_http_denied_total";
 pub const BUILD_INFO: &str = "memos_build_info";
 pub const ORCHESTRATOR_COMMANDS: &str = "memos_orchestrator_commands_total";
 pub const ORCHESTRATOR_EVENTS: &str = "memos_orchestrator_events_total";
@@ -261,6 +262,12 @@ pub const CATALOGUE: &[MetricDef] = &[
         kind: Gauge,
         labels: &[],
         help: "HTTP requests being served.",
+    },
+    MetricDef {
+        name: HTTP_DENIED,
+        kind: Counter,
+        labels: &["reason"],
+        help: "Requests refused for their credential (401) or what it may do (403), by reason.",
     },
     MetricDef {
         name: BUILD_INFO,
