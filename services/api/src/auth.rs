@@ -54,6 +54,21 @@ pub enum Caller {
     Principal(Arc<Principal>),
 }
 
+/// Every reason a refusal is counted under (`memos_http_denied_total{reason}`).
+pub const DENIAL_REASONS: &[&str] = &[
+    "no_credential",
+    "malformed_key",
+    "unknown_key",
+    "revoked_key",
+    "expired_key",
+    "impersonation",
+    "not_own_namespace",
+    "not_granted",
+    "read_only_role",
+    "not_own_agent",
+    "no_reader",
+];
+
 /// A refusal, counted and logged.
 pub fn deny(
     status: StatusCode,
@@ -206,8 +221,7 @@ impl Caller {
                 }
             }
             Role::Service => {
-                let agent = claimed.or(subject);
-                if let Some(agent) = agent
+                if let Some(agent) = claimed
                     && !principal.may_act_for(agent)
                 {
                     return forbidden(
@@ -215,16 +229,15 @@ impl Caller {
                         format!("service {} may not act for {agent}", principal.name),
                     );
                 }
-                if let (Some(s), Some(c)) = (subject, claimed)
-                    && s != c
-                    && !principal.may_act_for(s)
+                if let Some(subject) = subject
+                    && !principal.may_write(subject)
                 {
                     return forbidden(
                         "not_granted",
-                        format!("service {} may not act for {s}", principal.name),
+                        format!("service {} may not act for {subject}", principal.name),
                     );
                 }
-                Ok(match agent {
+                Ok(match claimed.or(subject) {
                     Some(agent) => format!("{agent} via {}", principal.name),
                     None => principal.name.clone(),
                 })
@@ -290,19 +303,6 @@ impl Caller {
     /// Whether the caller may write `namespace` (with `auth = "none"`, anyone may).
     pub fn may_write(&self, namespace: &str) -> bool {
         self.principal().is_none_or(|p| p.may_write(namespace))
-    }
-
-    /// Refuses unless the caller is an operator (with `auth = "none"`, everyone is).
-    pub fn operator(&self) -> Result<(), ApiError> {
-        match self.principal() {
-            Some(p) if p.role != Role::Operator => Err(deny(
-                StatusCode::FORBIDDEN,
-                "not_operator",
-                Some(&p.name),
-                "this needs an operator key",
-            )),
-            _ => Ok(()),
-        }
     }
 }
 
@@ -370,8 +370,6 @@ mod tests {
         let auditor = caller("audit", Role::Auditor, &[]);
         assert_eq!(auditor.reader(&headers(&[])).unwrap(), None, "reads everything");
         assert!(auditor.acting_for(&headers(&[]), Some("audit")).is_err());
-        assert!(auditor.operator().is_err());
-        assert!(caller("ops", Role::Operator, &[]).operator().is_ok());
 
         let open = Caller::Unauthenticated;
         assert_eq!(open.acting_for(&root, Some("alice")).unwrap(), "root");

@@ -319,6 +319,9 @@ impl Api {
                 metrics::counter!(m::PRODUCER_ERRORS, "topic" => topic.clone(), "kind" => kind).increment(0);
             }
         }
+        for reason in auth::DENIAL_REASONS {
+            metrics::counter!(m::HTTP_DENIED, "reason" => *reason).increment(0);
+        }
         for op in [
             "get_memory",
             "list_memories",
