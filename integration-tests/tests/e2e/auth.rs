@@ -214,12 +214,20 @@ async fn the_key_decides_who_acts_and_reads_and_a_revoked_key_stops_working() ->
 
     // Tasks: an agent registers and reads only itself.
     let register = |agent: &str| Some(json!({"agent_id": agent, "capabilities": ["x"], "max_concurrent": 1}));
+    let (status, registered) = alice
+        .call(Method::POST, "/v1/agents", register("alice"), &[])
+        .await?;
+    assert_eq!(status, 202, "{registered}");
+    let registration = format!("/v1/commands/{}", registered["command_id"].as_str().unwrap());
+    eventually("the registration is decided", WAIT, || async {
+        let (status, body) = alice.call(Method::GET, &registration, None, &[]).await?;
+        Ok((status == 200 && body["status"] == "applied").then_some(()))
+    })
+    .await?;
     assert_eq!(
-        alice
-            .call(Method::POST, "/v1/agents", register("alice"), &[])
-            .await?
-            .0,
-        202
+        bob.call(Method::GET, &registration, None, &[]).await?.0,
+        404,
+        "another agent's task command"
     );
     assert_eq!(
         bob.call(Method::POST, "/v1/agents", register("alice"), &[])

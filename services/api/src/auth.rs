@@ -97,6 +97,17 @@ fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>
         .transpose()
 }
 
+/// Whether a task event or row is about `reader`: assigned to it (`agent`), or issued by it
+/// or by a service for it (`actor`, `<reader> via <service>`).
+pub fn involves(reader: &str, agent: Option<&str>, actor: Option<&str>) -> bool {
+    agent == Some(reader)
+        || actor.is_some_and(|a| {
+            a == reader
+                || a.strip_prefix(reader)
+                    .is_some_and(|rest| rest.starts_with(" via "))
+        })
+}
+
 /// The token of an `Authorization` value of the `Bearer` scheme; the scheme name is
 /// case-insensitive (RFC 9110 section 11.1), and spaces may separate it from the token.
 pub fn bearer_token(value: &str) -> Option<&str> {
@@ -370,6 +381,11 @@ mod tests {
         let auditor = caller("audit", Role::Auditor, &[]);
         assert_eq!(auditor.reader(&headers(&[])).unwrap(), None, "reads everything");
         assert!(auditor.acting_for(&headers(&[]), Some("audit")).is_err());
+
+        assert!(involves("alice", Some("alice"), None));
+        assert!(involves("alice", None, Some("alice via ingest")));
+        assert!(!involves("alice", Some("bob"), Some("alicia via ingest")));
+        assert!(!involves("ali", None, Some("alice via ingest")));
 
         let open = Caller::Unauthenticated;
         assert_eq!(open.acting_for(&root, Some("alice")).unwrap(), "root");

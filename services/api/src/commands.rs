@@ -263,6 +263,15 @@ pub async fn status(
     )
     .await
     .map_err(|e| ApiError::internal("cannot read the command status", e))?;
+    // A task command's decisions: only those about the reader's tasks, agents or commands.
+    if let Some(reader) = &reader
+        && !events.is_empty()
+        && !events
+            .iter()
+            .any(|e| crate::auth::involves(reader, e.agent_id.as_deref(), e.actor.as_deref()))
+    {
+        return Err(ApiError::not_found(format!("no command {command_id} of yours")));
+    }
     let status = if events.is_empty() {
         "pending"
     } else if events.iter().any(|e| e.event_type == "COMMAND_REJECTED") {

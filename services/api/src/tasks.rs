@@ -526,16 +526,12 @@ pub async fn task(
     let events = read("task", "the task's history", tasks::task_events(&state.pool, &id)).await?;
     // An agent reads the tasks it delegated or was assigned; not told apart from none.
     if let Some(reader) = reader {
-        let involved = |agent: Option<&String>, actor: Option<&String>| {
-            agent.is_some_and(|a| *a == reader)
-                || actor.is_some_and(|a| *a == reader || a.starts_with(&format!("{reader} via ")))
-        };
         let mine = task
             .as_ref()
-            .is_some_and(|t| involved(t.agent_id.as_ref(), t.actor.as_ref()))
+            .is_some_and(|t| auth::involves(&reader, t.agent_id.as_deref(), t.actor.as_deref()))
             || events
                 .iter()
-                .any(|e| involved(e.agent_id.as_ref(), e.actor.as_ref()));
+                .any(|e| auth::involves(&reader, e.agent_id.as_deref(), e.actor.as_deref()));
         if !mine {
             return Err(ApiError::not_found(format!("no task {id} of yours")));
         }
