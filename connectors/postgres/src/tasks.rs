@@ -441,23 +441,42 @@ pub async fn agents(pool: &PgPool, status: Option<&str>) -> Result<Vec<AgentView
     .await
 }
 
-pub async fn agent(pool: &PgPool, agent_id: &str) -> Result<Option<AgentView>, sqlx::Error> {
+pub async fn agent<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    agent_id: &str,
+) -> Result<Option<AgentView>, sqlx::Error> {
     sqlx::query_as(concat!(agent_view_select!(), " WHERE a.agent_id = $1"))
         .bind(agent_id)
-        .fetch_optional(pool)
+        .fetch_optional(db)
         .await
 }
 
 /// The tasks `agent_id` holds, highest priority first (the order of the cached inbox).
-pub async fn inbox(pool: &PgPool, agent_id: &str) -> Result<Vec<InboxItem>, sqlx::Error> {
+pub async fn inbox<'e>(db: impl sqlx::PgExecutor<'e>, agent_id: &str) -> Result<Vec<InboxItem>, sqlx::Error> {
     sqlx::query_as(
         "SELECT task_id, workflow_id, step_id, status, attempt, payload, priority, deadline, assigned_at
          FROM tasks WHERE agent_id = $1 AND status IN ('assigned', 'running')
          ORDER BY priority DESC, assigned_at, task_id",
     )
     .bind(agent_id)
-    .fetch_all(pool)
+    .fetch_all(db)
     .await
+}
+
+/// An agent's row and the tasks it holds, read in one snapshot (`REPEATABLE READ`), so its
+/// load and its inbox agree: two reads on their own could straddle a projector commit.
+pub async fn agent_and_inbox(
+    pool: &PgPool,
+    agent_id: &str,
+) -> Result<(Option<AgentView>, Vec<InboxItem>), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let availability = agent(&mut *tx, agent_id).await?;
+    let items = inbox(&mut *tx, agent_id).await?;
+    tx.commit().await?;
+    Ok((availability, items))
 }
 
 pub async fn task(pool: &PgPool, task_id: &str) -> Result<Option<TaskRow>, sqlx::Error> {

@@ -327,8 +327,8 @@ pub async fn inbox(
         }
         Err(e) => tracing::warn!(error = %e, "inbox unavailable in Redis; reading PostgreSQL"),
     }
-    let availability = read("agent", "the agent", tasks::agent(&state.pool, &agent)).await?;
-    let items = read("inbox", "the inbox", tasks::inbox(&state.pool, &agent)).await?;
+    let (availability, items) =
+        read("inbox", "the inbox", tasks::agent_and_inbox(&state.pool, &agent)).await?;
     if availability.is_none() && items.is_empty() {
         return Err(ApiError::not_found(format!("no agent {agent}")));
     }
