@@ -102,3 +102,42 @@ impl Api {
         .await
     }
 }
+
+/// A caller of the API with an API key (or none: anonymous).
+#[derive(Clone)]
+pub struct Keyed {
+    pub http: reqwest::Client,
+    pub base: String,
+    pub key: Option<String>,
+}
+
+impl Keyed {
+    pub fn new(base: &str, key: Option<&str>) -> Keyed {
+        Keyed {
+            http: reqwest::Client::new(),
+            base: base.trim_end_matches('/').to_owned(),
+            key: key.map(str::to_owned),
+        }
+    }
+
+    /// Sends `method path` with the key as a bearer token, `headers` and a JSON `body`.
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<Answer> {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(key) = &self.key {
+            request = request.bearer_auth(key);
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        Api::answer(request.send().await?).await
+    }
+}

@@ -19,5 +19,6 @@ mod poison;
 mod prometheus;
 mod replay;
 mod replay_tasks;
+mod routes;
 mod stall;
 mod task_views;

@@ -67,6 +67,7 @@ pub const DENIAL_REASONS: &[&str] = &[
     "read_only_role",
     "not_own_agent",
     "no_reader",
+    "not_issuer",
 ];
 
 /// A refusal, counted and logged.
@@ -259,7 +260,17 @@ impl Caller {
     /// The agent a query reads as: `None` reads everything (auditors, operators, and
     /// `auth = "none"` without `X-Memos-Agent`).
     pub fn reader(&self, headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+        self.reader_for(headers, None)
+    }
+
+    /// [`Caller::reader`] of a query about `agent` (named in its path, query or body): a
+    /// service that names no reader reads as that agent, if it is granted it.
+    pub fn reader_for(&self, headers: &HeaderMap, agent: Option<&str>) -> Result<Option<String>, ApiError> {
         let named = header_text(headers, AGENT_HEADER)?;
+        let named = match (&self.principal().map(|p| p.role), named) {
+            (Some(Role::Service), None) => agent,
+            (_, named) => named,
+        };
         let Some(principal) = self.principal() else {
             return Ok(named.map(str::to_owned));
         };
@@ -300,7 +311,7 @@ impl Caller {
     /// Refuses unless the caller may read what belongs to `agent` (an inbox, an agent's
     /// listing): the agent itself, a service granted it, an auditor or operator.
     pub fn may_read_agent(&self, headers: &HeaderMap, agent: &str) -> Result<(), ApiError> {
-        match self.reader(headers)? {
+        match self.reader_for(headers, Some(agent))? {
             Some(reader) if reader != agent => Err(deny(
                 StatusCode::FORBIDDEN,
                 "not_own_agent",
@@ -308,6 +319,42 @@ impl Caller {
                 format!("{reader} may not read what belongs to agent {agent}"),
             )),
             _ => Ok(()),
+        }
+    }
+
+    /// Refuses unless the caller may cancel a task whose delegation (or workflow) was issued
+    /// by one of `issuers` (their actors): one of them itself, or a service granted the
+    /// agent it issued for. Auditors and operators issue no command ([`Caller::acting_for`]
+    /// refuses them first).
+    pub fn may_cancel(&self, headers: &HeaderMap, task_id: &str, issuers: &[Option<&str>]) -> Result<(), ApiError> {
+        let Some(principal) = self.principal() else {
+            return Ok(());
+        };
+        let for_agent = header_text(headers, ACTOR_HEADER)?;
+        let allowed = issuers.iter().flatten().any(|issuer| {
+            // `<agent> via <service>` was issued for the agent.
+            let agent = issuer.split_once(" via ").map_or(*issuer, |(agent, _)| agent);
+            match principal.role {
+                Role::Agent => agent == principal.name,
+                Role::Service => {
+                    *issuer == principal.name
+                        || principal.may_act_for(agent) && for_agent.is_none_or(|a| a == agent)
+                }
+                Role::Auditor | Role::Operator => false,
+            }
+        });
+        if allowed {
+            Ok(())
+        } else {
+            Err(deny(
+                StatusCode::FORBIDDEN,
+                "not_issuer",
+                Some(&principal.name),
+                format!(
+                    "{} may not cancel task {task_id}: only whoever delegated it or started its workflow may",
+                    principal.name
+                ),
+            ))
         }
     }
 
@@ -386,6 +433,28 @@ mod tests {
         assert!(involves("alice", None, Some("alice via ingest")));
         assert!(!involves("alice", Some("bob"), Some("alicia via ingest")));
         assert!(!involves("ali", None, Some("alice via ingest")));
+
+        // A service reads as the agent a query is about when it names none.
+        assert_eq!(
+            ingest.reader_for(&headers(&[]), Some("bob")).unwrap().as_deref(),
+            Some("bob")
+        );
+        assert!(ingest.reader_for(&headers(&[]), Some("alice")).is_err());
+        assert!(ingest.may_read_agent(&headers(&[]), "bob").is_ok());
+        assert!(alice.may_read_agent(&headers(&[]), "bob").is_err());
+
+        // Cancelling: whoever delegated (or started the workflow), or a service for it.
+        let none = headers(&[]);
+        assert!(alice.may_cancel(&none, "t", &[Some("alice"), None]).is_ok());
+        assert!(alice.may_cancel(&none, "t", &[Some("bob"), Some("alice via ingest")]).is_ok());
+        assert!(alice.may_cancel(&none, "t", &[Some("bob"), None]).is_err());
+        assert!(alice.may_cancel(&none, "t", &[None, None]).is_err());
+        assert!(ingest.may_cancel(&none, "t", &[Some("bob")]).is_ok());
+        assert!(ingest.may_cancel(&none, "t", &[Some("ingest")]).is_ok());
+        assert!(ingest.may_cancel(&none, "t", &[Some("alice")]).is_err());
+        let for_carol = headers(&[(ACTOR_HEADER, "carol")]);
+        assert!(ingest.may_cancel(&for_carol, "t", &[Some("bob")]).is_err());
+        assert!(auditor.may_cancel(&none, "t", &[Some("audit")]).is_err());
 
         let open = Caller::Unauthenticated;
         assert_eq!(open.acting_for(&root, Some("alice")).unwrap(), "root");

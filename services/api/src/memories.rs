@@ -446,7 +446,7 @@ pub async fn list(
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<Page>, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let reader = caller.reader(&headers)?;
+    let reader = caller.reader_for(&headers, Some(&agent))?;
     let limit = params.limit.unwrap_or(50);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::bad_request(format!("limit must be 1 to {MAX_PAGE}")).with_field("limit"));
@@ -514,11 +514,8 @@ pub async fn recent(
     caller: Caller,
     headers: HeaderMap,
 ) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
-    if let Some(reader) = caller.reader(&headers)?
-        && reader != agent
-    {
-        return Err(ApiError::not_found("working memory is private to its agent"));
-    }
+    // Working memory is private to its agent.
+    caller.may_read_agent(&headers, &agent)?;
     consistency::wait_for(&state, &headers).await?;
     let ids = observe(
         m::REDIS_SECONDS,
@@ -576,7 +573,7 @@ pub async fn search(
     validate::check_param("agent_id", &request.agent_id).map_err(ApiError::bad_param)?;
     // The search reads as `agent_id`, which must be the caller's reader (an auditor or
     // operator may search as anyone).
-    if let Some(reader) = caller.reader(&headers)?
+    if let Some(reader) = caller.reader_for(&headers, Some(&request.agent_id))?
         && reader != request.agent_id
     {
         return Err(crate::auth::deny(

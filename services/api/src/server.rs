@@ -3,17 +3,17 @@
 //! token is cancelled, then stops taking requests, lets the ones in flight finish, and
 //! flushes the producer. The bounds every request meets first are in [`crate::edge`].
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Query, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{MethodRouter, delete, get, patch, post};
 use axum::{Json, Router};
 use memos_kafka::CommandProducer;
 use memos_redis::HotViews;
@@ -40,35 +40,110 @@ pub struct AppState {
     pub auth: Authenticator,
 }
 
+/// Who may call a route. Every route of the router has one: the router is built from
+/// [`v1_routes`], so a route cannot be added without a policy, and the route walk
+/// (integration-tests `e2e::routes`) checks each policy against the running service as
+/// anonymous, another agent, the owner, an auditor and a service (`docs/security.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// No credential needed: health, readiness and metrics.
+    Open,
+    /// A command for the namespace or agent it names (the body's `agent_id`, or the path):
+    /// that agent (or one granted the namespace) and services granted it; auditors and
+    /// operators write nothing.
+    ActsForSubject,
+    /// A command for no agent (delegating a task, templates, workflows): any agent or
+    /// service, recorded as the actor.
+    AnyWriter,
+    /// Cancelling a task: whoever delegated it, or a service granted that agent.
+    TaskIssuer,
+    /// Reads what belongs to the agent named in the path, query or body (its inbox, working
+    /// memory, tasks, searches as it): the agent, services granted it, auditors and
+    /// operators; anyone else gets `403`.
+    AgentOwned,
+    /// Reads answered as the reader sees them: what it may not see is `404` (a memory, a
+    /// command, a task or a workflow by id) or left out (listings).
+    Visible,
+    /// The shared registries (agents, tools, templates) and the orchestrator's figures:
+    /// any principal.
+    AnyPrincipal,
+}
+
+/// A route of the router and its policy.
+#[derive(Debug, Clone, Serialize)]
+pub struct Route {
+    #[serde(serialize_with = "method_text")]
+    pub method: Method,
+    /// The path template, as the router matches it (`/v1/memories/{id}`).
+    pub path: String,
+    pub policy: Policy,
+}
+
+fn method_text<S: serde::Serializer>(method: &Method, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(method.as_str())
+}
+
+/// The `/v1` routes: method, path under `/v1`, policy and handler, one line each.
+fn v1_routes() -> Vec<(Method, &'static str, Policy, MethodRouter<AppState>)> {
+    use Policy::*;
+    vec![
+        (Method::POST, "/memories", ActsForSubject, post(memories::write)),
+        (Method::POST, "/memories/search", AgentOwned, post(memories::search)),
+        (Method::GET, "/memories/{id}", Visible, get(memories::get)),
+        (Method::PATCH, "/memories/{id}", ActsForSubject, patch(memories::update)),
+        (Method::POST, "/memories/{id}/forget", ActsForSubject, post(memories::forget)),
+        (Method::GET, "/memories/{id}/history", Visible, get(memories::history)),
+        (Method::GET, "/agents/{agent}/memories", Visible, get(memories::list)),
+        (Method::GET, "/agents/{agent}/recent", AgentOwned, get(memories::recent)),
+        (Method::POST, "/shares", ActsForSubject, post(registry::share)),
+        (Method::POST, "/shares/revoke", ActsForSubject, post(registry::revoke)),
+        (Method::POST, "/tools", ActsForSubject, post(registry::register_tool)),
+        (Method::GET, "/tools", AnyPrincipal, get(registry::tools)),
+        (Method::GET, "/commands/{id}", Visible, get(commands::status)),
+        (Method::POST, "/agents", ActsForSubject, post(tasks::register_agent)),
+        (Method::GET, "/agents", AnyPrincipal, get(tasks::agents)),
+        (Method::DELETE, "/agents/{agent}", ActsForSubject, delete(tasks::deregister_agent)),
+        (Method::POST, "/agents/{agent}/heartbeat", ActsForSubject, post(tasks::heartbeat)),
+        (Method::GET, "/agents/{agent}/inbox", AgentOwned, get(tasks::inbox)),
+        (Method::POST, "/tasks", AnyWriter, post(tasks::delegate)),
+        (Method::GET, "/tasks", AgentOwned, get(tasks::list_tasks)),
+        (Method::GET, "/tasks/{id}", Visible, get(tasks::task)),
+        (Method::POST, "/tasks/{id}/start", ActsForSubject, post(tasks::start)),
+        (Method::POST, "/tasks/{id}/complete", ActsForSubject, post(tasks::complete)),
+        (Method::POST, "/tasks/{id}/fail", ActsForSubject, post(tasks::fail)),
+        (Method::POST, "/tasks/{id}/cancel", TaskIssuer, post(tasks::cancel)),
+        (Method::POST, "/workflow-templates", AnyWriter, post(tasks::define_template)),
+        (Method::GET, "/workflow-templates/{name}", AnyPrincipal, get(tasks::template)),
+        (Method::POST, "/workflows", AnyWriter, post(tasks::start_workflow)),
+        (Method::GET, "/workflows/{id}", Visible, get(tasks::workflow)),
+        (Method::GET, "/orchestrator/stats", AnyPrincipal, get(tasks::stats)),
+    ]
+}
+
+/// The routes outside `/v1`, served without a credential.
+const OPEN_ROUTES: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+
+/// Every route of [`router`] with its policy: what the router is built from.
+pub fn routes() -> Vec<Route> {
+    let open = OPEN_ROUTES.iter().map(|path| Route {
+        method: Method::GET,
+        path: (*path).to_owned(),
+        policy: Policy::Open,
+    });
+    open.chain(v1_routes().into_iter().map(|(method, path, policy, _)| Route {
+        method,
+        path: format!("/v1{path}"),
+        policy,
+    }))
+    .collect()
+}
+
 pub fn router(state: AppState) -> Router {
     let edge = Edge::new(&state.config.http);
-    let v1 = Router::new()
-        .route("/memories", post(memories::write))
-        .route("/memories/search", post(memories::search))
-        .route("/memories/{id}", get(memories::get).patch(memories::update))
-        .route("/memories/{id}/forget", post(memories::forget))
-        .route("/memories/{id}/history", get(memories::history))
-        .route("/agents/{agent}/memories", get(memories::list))
-        .route("/agents/{agent}/recent", get(memories::recent))
-        .route("/shares", post(registry::share))
-        .route("/shares/revoke", post(registry::revoke))
-        .route("/tools", post(registry::register_tool).get(registry::tools))
-        .route("/commands/{id}", get(commands::status))
-        .route("/agents", post(tasks::register_agent).get(tasks::agents))
-        .route("/agents/{agent}", delete(tasks::deregister_agent))
-        .route("/agents/{agent}/heartbeat", post(tasks::heartbeat))
-        .route("/agents/{agent}/inbox", get(tasks::inbox))
-        .route("/tasks", post(tasks::delegate).get(tasks::list_tasks))
-        .route("/tasks/{id}", get(tasks::task))
-        .route("/tasks/{id}/start", post(tasks::start))
-        .route("/tasks/{id}/complete", post(tasks::complete))
-        .route("/tasks/{id}/fail", post(tasks::fail))
-        .route("/tasks/{id}/cancel", post(tasks::cancel))
-        .route("/workflow-templates", post(tasks::define_template))
-        .route("/workflow-templates/{name}", get(tasks::template))
-        .route("/workflows", post(tasks::start_workflow))
-        .route("/workflows/{id}", get(tasks::workflow))
-        .route("/orchestrator/stats", get(tasks::stats))
+    let v1 = v1_routes()
+        .into_iter()
+        .fold(Router::new(), |router, (_, path, _, handler)| router.route(path, handler))
         // Innermost first: parameters, body, token, time, concurrency (see crate::edge).
         .route_layer(middleware::from_fn(edge::check_params))
         .route_layer(middleware::from_fn_with_state(edge.clone(), edge::read_body))
@@ -78,14 +153,31 @@ pub fn router(state: AppState) -> Router {
         ))
         .route_layer(middleware::from_fn_with_state(edge.clone(), edge::limit_time))
         .route_layer(middleware::from_fn_with_state(edge, edge::limit_concurrency));
-    Router::new()
-        .nest("/v1", v1)
+    let app = Router::new().nest("/v1", v1);
+    let app = if state.config.http.operations_bind.is_some() {
+        app.route("/healthz", get(|| async { "ok" }))
+    } else {
+        with_probes(app)
+    };
+    app.fallback(|| async { ApiError::not_found("no such route") })
+        .layer(middleware::from_fn(observe))
+        .layer(DefaultBodyLimit::max(state.config.http.max_body_bytes))
+        .with_state(state)
+}
+
+/// `/healthz`, `/readyz` and `/metrics`: open to probes and scrapers.
+fn with_probes(router: Router<AppState>) -> Router<AppState> {
+    router
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(render_metrics))
+}
+
+/// The probes of the API on `http.operations_bind`, when it is set.
+fn probes_router(state: AppState) -> Router {
+    with_probes(Router::new())
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn(observe))
-        .layer(DefaultBodyLimit::max(state.config.http.max_body_bytes))
         .with_state(state)
 }
 
@@ -305,6 +397,8 @@ async fn ready(State(state): State<AppState>, query: Result<Query<ReadyQuery>, Q
 pub struct Api {
     listener: TcpListener,
     router: Router,
+    /// `http.operations_bind`'s listener and its routes.
+    probes: Option<(TcpListener, Router)>,
     producer: CommandProducer,
     header_read_timeout: Duration,
 }
@@ -350,11 +444,16 @@ impl Api {
             metrics::counter!(m::CONFLICT_CHECKS_SKIPPED, "reason" => reason).increment(0);
         }
         let listener = TcpListener::bind(state.config.http.bind).await?;
+        let probes = match state.config.http.operations_bind {
+            Some(addr) => Some((TcpListener::bind(addr).await?, probes_router(state.clone()))),
+            None => None,
+        };
         let producer = state.producer.clone();
         let header_read_timeout = state.config.http.header_read_timeout;
         Ok(Api {
             listener,
             router: router(state),
+            probes,
             producer,
             header_read_timeout,
         })
@@ -364,9 +463,27 @@ impl Api {
         self.listener.local_addr().expect("bound listener has an address")
     }
 
+    /// The address of `http.operations_bind`'s listener, when it is set.
+    pub fn operations_addr(&self) -> Option<SocketAddr> {
+        self.probes
+            .as_ref()
+            .map(|(listener, _)| listener.local_addr().expect("bound listener has an address"))
+    }
+
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> std::io::Result<()> {
-        tracing::info!(addr = %self.local_addr(), "api listening");
+        let probes = self.probes.map(|(listener, router)| {
+            tracing::info!(addr = %listener.local_addr().expect("bound"), "operations endpoint listening");
+            tokio::spawn(
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+                    .into_future(),
+            )
+        });
+        tracing::info!(addr = %self.listener.local_addr()?, "api listening");
         edge::serve(self.listener, self.router, self.header_read_timeout, shutdown).await;
+        if let Some(probes) = probes {
+            probes.await.ok().and_then(Result::err).inspect(|e| tracing::warn!(error = %e, "operations endpoint"));
+        }
         let producer = self.producer;
         tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10)))
             .await

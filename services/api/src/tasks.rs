@@ -449,7 +449,7 @@ pub async fn list_tasks(
 ) -> Result<Json<TaskPage>, ApiError> {
     let Query(mut params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
     // An agent lists its own tasks (a service those of the agent it reads for).
-    if let Some(reader) = caller.reader(&headers)? {
+    if let Some(reader) = caller.reader_for(&headers, params.agent_id.as_deref())? {
         match &params.agent_id {
             Some(agent) if *agent != reader => {
                 return Err(auth::deny(
@@ -568,13 +568,15 @@ fn conflict(message: String) -> ApiError {
 }
 
 /// Appends a command about an existing task: validated first (a bad request is refused before
-/// any lookup), then routed to the task's workflow (its routing key) once the task is known.
+/// any lookup), then, once the task is known and `allowed` for it, routed to the task's
+/// workflow (its routing key).
 async fn append_for_task(
     state: &AppState,
     mut command: TaskCommand,
     command_id: Option<Uuid>,
     tracestate: Option<&str>,
     agent_id: Option<String>,
+    allowed: impl FnOnce(&TaskRow) -> Result<(), ApiError>,
 ) -> Answer {
     command.validate()?;
     let (task_id, workflow_id) = match &mut command {
@@ -585,6 +587,7 @@ async fn append_for_task(
         _ => return Err(ApiError::bad_request("not a command about a task")),
     };
     let task = known_task(state, &task_id, command_id).await?;
+    allowed(&task)?;
     workflow_id.clone_from(&task.workflow_id);
     let ids = TaskIds {
         task_id: Some(task.task_id),
@@ -627,6 +630,8 @@ pub async fn start(
         request.command_id,
         h.tracestate.as_deref(),
         agent,
+        // The orchestrator decides whether the agent holds it.
+        |_| Ok(()),
     )
     .await
 }
@@ -667,6 +672,8 @@ pub async fn complete(
         request.command_id,
         h.tracestate.as_deref(),
         agent,
+        // The orchestrator decides whether the agent holds it.
+        |_| Ok(()),
     )
     .await
 }
@@ -710,6 +717,8 @@ pub async fn fail(
         request.command_id,
         h.tracestate.as_deref(),
         agent,
+        // The orchestrator decides whether the agent holds it.
+        |_| Ok(()),
     )
     .await
 }
@@ -737,11 +746,22 @@ pub async fn cancel(
         actor: h.actor,
         issued_at: h.issued_at,
         traceparent: h.traceparent,
-        task_id: id,
+        task_id: id.clone(),
         workflow_id: None,
         reason: request.reason,
     });
-    append_for_task(&state, command, request.command_id, h.tracestate.as_deref(), None).await
+    command.validate()?;
+    // Only whoever delegated the task, or started its workflow (or a service for them), may
+    // cancel it; its holder fails it instead.
+    let task = known_task(&state, &id, request.command_id).await?;
+    let starter = match &task.workflow_id {
+        Some(workflow) => read("workflow", "the workflow", tasks::workflow(&state.pool, workflow))
+            .await?
+            .and_then(|w| w.actor),
+        None => None,
+    };
+    caller.may_cancel(&headers, &id, &[task.actor.as_deref(), starter.as_deref()])?;
+    append_for_task(&state, command, request.command_id, h.tracestate.as_deref(), None, |_| Ok(())).await
 }
 
 // ---- workflows ----
@@ -922,8 +942,10 @@ pub struct StepState {
 pub async fn workflow(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    caller: Caller,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let reader = caller.reader(&headers)?;
     wait_for_commands(&state, &headers).await?;
     let workflow = read("workflow", "the workflow", tasks::workflow(&state.pool, &id))
         .await?
@@ -940,6 +962,16 @@ pub async fn workflow(
         tasks::workflow_tasks(&state.pool, &id),
     )
     .await?;
+    // An agent reads the workflows it started, or holds or delegated a task of; not told
+    // apart from none.
+    if let Some(reader) = reader
+        && !auth::involves(&reader, None, workflow.actor.as_deref())
+        && !tasks
+            .iter()
+            .any(|t| auth::involves(&reader, t.agent_id.as_deref(), t.actor.as_deref()))
+    {
+        return Err(ApiError::not_found(format!("no workflow {id} of yours")));
+    }
     let defined: Vec<WorkflowStep> = template
         .and_then(|t| serde_json::from_value(t.steps).ok())
         .unwrap_or_default();

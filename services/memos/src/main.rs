@@ -179,11 +179,13 @@ async fn run(config: Arc<Config>, role: Role) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The projector and orchestrator roles serve only /healthz and /metrics.
+/// The projector and orchestrator roles serve only /healthz and /metrics (on
+/// `http.operations_bind` when it is set).
 async fn serve_operations(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.http.bind)
+    let addr = config.http.operations_bind.unwrap_or(config.http.bind);
+    let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("cannot bind {}", config.http.bind))?;
+        .with_context(|| format!("cannot bind {addr}"))?;
     tracing::info!(addr = %listener.local_addr()?, "operations endpoint listening");
     axum::serve(listener, memos_api::server::operations_router())
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())

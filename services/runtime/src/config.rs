@@ -246,6 +246,11 @@ pub struct RedisConfig {
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     pub bind: SocketAddr,
+    /// Where `/readyz` and `/metrics` are served instead of `bind`, for probes and scrapers
+    /// on an address of their own (neither needs an API key on either address); `/healthz`
+    /// answers on both. Unset: all on `bind`.
+    #[serde(default)]
+    pub operations_bind: Option<SocketAddr>,
     /// Largest request body accepted; larger ones get 413.
     pub max_body_bytes: usize,
     /// Longest a request may take, body read and answer included; longer ones get
@@ -347,6 +352,7 @@ impl Default for Config {
             },
             http: HttpConfig {
                 bind: "127.0.0.1:8080".parse().expect("valid address"),
+                operations_bind: None,
                 max_body_bytes: 256 * 1024,
                 request_timeout: Duration::from_secs(60),
                 header_read_timeout: Duration::from_secs(30),
