@@ -11,6 +11,7 @@ mod foreign_producers;
 mod hostile_http;
 mod hot_views;
 mod keys;
+mod limits;
 mod memory_path;
 mod memory_pipeline;
 mod observability;

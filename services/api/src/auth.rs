@@ -326,7 +326,12 @@ impl Caller {
     /// by one of `issuers` (their actors): one of them itself, or a service granted the
     /// agent it issued for. Auditors and operators issue no command ([`Caller::acting_for`]
     /// refuses them first).
-    pub fn may_cancel(&self, headers: &HeaderMap, task_id: &str, issuers: &[Option<&str>]) -> Result<(), ApiError> {
+    pub fn may_cancel(
+        &self,
+        headers: &HeaderMap,
+        task_id: &str,
+        issuers: &[Option<&str>],
+    ) -> Result<(), ApiError> {
         let Some(principal) = self.principal() else {
             return Ok(());
         };
@@ -446,7 +451,11 @@ mod tests {
         // Cancelling: whoever delegated (or started the workflow), or a service for it.
         let none = headers(&[]);
         assert!(alice.may_cancel(&none, "t", &[Some("alice"), None]).is_ok());
-        assert!(alice.may_cancel(&none, "t", &[Some("bob"), Some("alice via ingest")]).is_ok());
+        assert!(
+            alice
+                .may_cancel(&none, "t", &[Some("bob"), Some("alice via ingest")])
+                .is_ok()
+        );
         assert!(alice.may_cancel(&none, "t", &[Some("bob"), None]).is_err());
         assert!(alice.may_cancel(&none, "t", &[None, None]).is_err());
         assert!(ingest.may_cancel(&none, "t", &[Some("bob")]).is_ok());

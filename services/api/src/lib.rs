@@ -10,6 +10,7 @@
 //! - [`consistency`]: read-your-writes with position tokens.
 //! - [`edge`]: the bounds every request meets first: timeouts, concurrency, parameters.
 //! - [`error`]: the error body and its status codes.
+//! - [`limits`]: request rate and concurrency per principal (`429`).
 //! - [`memories`]: memory commands and memory queries.
 //! - [`registry`]: shares and the tool registry.
 //! - [`server`]: the router, the listener and graceful shutdown.
@@ -20,6 +21,7 @@ pub mod commands;
 pub mod consistency;
 pub mod edge;
 pub mod error;
+pub mod limits;
 pub mod memories;
 pub mod registry;
 pub mod server;

@@ -131,6 +131,7 @@ async fn run(config: Arc<Config>, role: Role) -> anyhow::Result<()> {
     }
 
     if role != Role::Projector {
+        config.http.limits.check().map_err(anyhow::Error::msg)?;
         let auth = match config.http.auth {
             AuthMode::Keys => {
                 let followed = memos_kafka::keys::follow(config.clone(), shutdown.child_token());

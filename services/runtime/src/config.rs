@@ -278,6 +278,61 @@ pub struct HttpConfig {
     /// `X-Memos-Agent` and `X-Memos-Actor` headers are believed; only on a loopback
     /// address, for a single-user laptop or tests).
     pub auth: AuthMode,
+    /// Request limits of each principal, by role (`crate::keys::Role`); `429` beyond.
+    pub limits: RoleLimits,
+}
+
+/// The [`Limits`] of each role.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleLimits {
+    pub agent: Limits,
+    pub service: Limits,
+    pub auditor: Limits,
+    pub operator: Limits,
+}
+
+impl RoleLimits {
+    pub fn of(&self, role: crate::keys::Role) -> &Limits {
+        use crate::keys::Role;
+        match role {
+            Role::Agent => &self.agent,
+            Role::Service => &self.service,
+            Role::Auditor => &self.auditor,
+            Role::Operator => &self.operator,
+        }
+    }
+
+    /// Refuses limits that would refuse everything or overflow.
+    pub fn check(&self) -> Result<(), String> {
+        for role in crate::keys::Role::ALL {
+            let l = self.of(role);
+            if !(l.requests_per_second.is_finite() && l.requests_per_second >= 0.001) {
+                return Err(format!(
+                    "http.limits.{role}.requests_per_second must be a number of at least 0.001, not {}",
+                    l.requests_per_second
+                ));
+            }
+            if l.burst == 0 || l.concurrent_requests == 0 {
+                return Err(format!(
+                    "http.limits.{role}.burst and .concurrent_requests must be at least 1"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How much one principal may ask of one API process.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Sustained requests per second.
+    pub requests_per_second: f64,
+    /// Requests admitted at one instant after being idle (the bucket's size).
+    pub burst: u32,
+    /// Requests served at once.
+    pub concurrent_requests: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -360,6 +415,30 @@ impl Default for Config {
                 max_concurrent_requests: 1024,
                 readiness_timeout: Duration::from_secs(1),
                 auth: AuthMode::Keys,
+                // An agent is one process of a model's tool calls; a service fronts many
+                // agents; exports and audits are few and heavy.
+                limits: RoleLimits {
+                    agent: Limits {
+                        requests_per_second: 100.0,
+                        burst: 200,
+                        concurrent_requests: 32,
+                    },
+                    service: Limits {
+                        requests_per_second: 2000.0,
+                        burst: 4000,
+                        concurrent_requests: 256,
+                    },
+                    auditor: Limits {
+                        requests_per_second: 50.0,
+                        burst: 100,
+                        concurrent_requests: 8,
+                    },
+                    operator: Limits {
+                        requests_per_second: 50.0,
+                        burst: 100,
+                        concurrent_requests: 8,
+                    },
+                },
             },
             projector: ProjectorConfig {
                 group_id: "memos-projector".into(),
