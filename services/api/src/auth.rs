@@ -9,7 +9,8 @@
 //!   is granted), a service for the agents it is granted (recorded as `<agent> via
 //!   <service>`), auditors and operators never; `X-Memos-Actor` is honoured only for
 //!   services;
-//! - the **reader of a query** ([`Caller::reader`]): an agent reads as itself, a service as
+//! - the **reader of a query** ([`Caller::reader`], [`Caller::memory_reader`] adding an
+//!   agent's team namespaces): an agent reads as itself, a service as
 //!   the agent it names in `X-Memos-Agent` (one it is granted; a service granted every agent,
 //!   `*`, reads everything without it), auditors and operators read everything;
 //!   `X-Memos-Agent` naming anyone else is refused.
@@ -27,6 +28,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use memos_kafka::keys::Followed;
+use memos_postgres::queries::Reader;
 use memos_runtime::keys::{Principal, Refusal, Role};
 use memos_runtime::metrics as m;
 
@@ -306,6 +308,23 @@ impl Caller {
                 )),
             },
         }
+    }
+
+    /// The [`Reader`] of a memory query about `agent` ([`Caller::reader_for`]): an agent
+    /// reading as itself also reads the team namespaces it is granted; a service reads as
+    /// the agent it is for, without the service's own grants.
+    pub fn memory_reader(
+        &self,
+        headers: &HeaderMap,
+        agent: Option<&str>,
+    ) -> Result<Option<Reader>, ApiError> {
+        let reader = self.reader_for(headers, agent)?;
+        Ok(reader.map(|name| match self.principal() {
+            Some(p) if p.role == Role::Agent && p.name == name => {
+                Reader::with_namespaces(name, p.namespaces.iter().cloned())
+            }
+            _ => Reader::agent(name),
+        }))
     }
 
     /// Refuses unless the caller may read what belongs to `agent` (an inbox, an agent's
