@@ -355,18 +355,21 @@ impl Caller {
             return Ok(());
         };
         let for_agent = header_text(headers, ACTOR_HEADER)?;
-        let allowed = issuers.iter().flatten().any(|issuer| {
-            // `<agent> via <service>` was issued for the agent.
-            let agent = issuer.split_once(" via ").map_or(*issuer, |(agent, _)| agent);
-            match principal.role {
-                Role::Agent => agent == principal.name,
-                Role::Service => {
-                    *issuer == principal.name
-                        || principal.may_act_for(agent) && for_agent.is_none_or(|a| a == agent)
+        // A service granted every agent acts for whoever issued it, recorded or not.
+        let everyone = principal.role == Role::Service && principal.agents.contains("*");
+        let allowed = everyone
+            || issuers.iter().flatten().any(|issuer| {
+                // `<agent> via <service>` was issued for the agent.
+                let agent = issuer.split_once(" via ").map_or(*issuer, |(agent, _)| agent);
+                match principal.role {
+                    Role::Agent => agent == principal.name,
+                    Role::Service => {
+                        *issuer == principal.name
+                            || principal.may_act_for(agent) && for_agent.is_none_or(|a| a == agent)
+                    }
+                    Role::Auditor | Role::Operator => false,
                 }
-                Role::Auditor | Role::Operator => false,
-            }
-        });
+            });
         if allowed {
             Ok(())
         } else {
@@ -483,6 +486,13 @@ mod tests {
         let for_carol = headers(&[(ACTOR_HEADER, "carol")]);
         assert!(ingest.may_cancel(&for_carol, "t", &[Some("bob")]).is_err());
         assert!(auditor.may_cancel(&none, "t", &[Some("audit")]).is_err());
+        let all = Caller::Principal(Arc::new(Principal {
+            name: "dev".into(),
+            role: Role::Service,
+            namespaces: Default::default(),
+            agents: ["*".to_owned()].into(),
+        }));
+        assert!(all.may_cancel(&none, "t", &[None, None]).is_ok());
 
         let open = Caller::Unauthenticated;
         assert_eq!(open.acting_for(&root, Some("alice")).unwrap(), "root");
