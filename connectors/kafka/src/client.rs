@@ -54,7 +54,7 @@ impl rdkafka::consumer::ConsumerContext for ReadsToEnd {}
 
 #[cfg(test)]
 mod tests {
-    use memos_runtime::config::{SaslConfig, SaslMechanism, SecurityProtocol, Secret};
+    use memos_runtime::config::{SaslConfig, SaslMechanism, Secret, SecurityProtocol};
 
     use super::*;
 

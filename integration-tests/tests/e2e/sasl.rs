@@ -101,10 +101,15 @@ impl SaslStack {
         env.orchestrator_group_id = format!("memos-orchestrator-{id}");
         let admin = self.kafka(Some("admin"), None)?;
         let config = memos_kafka::client::base_config(&admin, "test");
-        env.kafka_properties = ["security.protocol", "sasl.mechanism", "sasl.username", "sasl.password"]
-            .into_iter()
-            .filter_map(|k| Some((k.to_owned(), config.get(k)?.to_owned())))
-            .collect();
+        env.kafka_properties = [
+            "security.protocol",
+            "sasl.mechanism",
+            "sasl.username",
+            "sasl.password",
+        ]
+        .into_iter()
+        .filter_map(|k| Some((k.to_owned(), config.get(k)?.to_owned())))
+        .collect();
         Ok(env)
     }
 
@@ -151,13 +156,16 @@ impl Errors {
 async fn produce(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<(Result<(), KafkaError>, Errors)> {
     let errors = Errors::default();
     let mut config = memos_kafka::client::base_config(kafka, "sasl-test");
-    config
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("message.timeout.ms", kafka.delivery_timeout.as_millis().to_string());
+    config.set("enable.idempotence", "true").set("acks", "all").set(
+        "message.timeout.ms",
+        kafka.delivery_timeout.as_millis().to_string(),
+    );
     let producer: FutureProducer<Errors> = config.create_with_context(errors.clone())?;
     let delivered = producer
-        .send(FutureRecord::to(topic).key("k").payload("not a command"), Timeout::Never)
+        .send(
+            FutureRecord::to(topic).key("k").payload("not a command"),
+            Timeout::Never,
+        )
         .await
         .map(|_| ())
         .map_err(|(e, _)| e);
@@ -197,7 +205,11 @@ async fn sasl_a_producer_without_credentials_is_refused() -> anyhow::Result<()> 
         "{:?}",
         errors.codes()
     );
-    assert_eq!(records(&env, &env.commands_topic)?, 1, "only memos-api's record is in the log");
+    assert_eq!(
+        records(&env, &env.commands_topic)?,
+        1,
+        "only memos-api's record is in the log"
+    );
     env.cleanup().await;
     Ok(())
 }
@@ -274,9 +286,22 @@ async fn sasl_memos_runs_with_its_principals_and_projects_a_write() -> anyhow::R
     let out = memosctl_as(
         &env,
         &operator,
-        &["keys", "create", "--principal", &agent, "--role", "agent", "--json"],
+        &[
+            "keys",
+            "create",
+            "--principal",
+            &agent,
+            "--role",
+            "agent",
+            "--json",
+        ],
     )?;
-    anyhow::ensure!(out.code == 0, "memosctl keys create: {}\n{}", out.stderr, out.stdout);
+    anyhow::ensure!(
+        out.code == 0,
+        "memosctl keys create: {}\n{}",
+        out.stderr,
+        out.stdout
+    );
     let issued: Value = serde_json::from_str(out.stdout.trim())?;
     let key = issued["key"].as_str().context("no key printed")?.to_owned();
 
@@ -303,7 +328,10 @@ async fn sasl_memos_runs_with_its_principals_and_projects_a_write() -> anyhow::R
         )
         .await?;
     assert_eq!(accepted.status, 202, "{}", accepted.body);
-    let memory_id = accepted.body["memory_id"].as_str().context("no memory_id")?.to_owned();
+    let memory_id = accepted.body["memory_id"]
+        .as_str()
+        .context("no memory_id")?
+        .to_owned();
     let memory = eventually("the projector to apply the write", WAIT, || {
         let api = api.clone();
         let path = format!("/v1/memories/{memory_id}");

@@ -669,20 +669,29 @@ mod tests {
             assert_eq!(sasl.mechanism, SaslMechanism::ScramSha512, "the default");
             assert_eq!(sasl.username, "memos-api");
             assert_eq!(sasl.password.expose(), "0123456789");
-            assert!(!format!("{config:?}").contains("0123456789"), "the password never prints");
+            assert!(
+                !format!("{config:?}").contains("0123456789"),
+                "the password never prints"
+            );
 
             jail.set_env("MEMOS__KAFKA__SASL__MECHANISM", "SCRAM-SHA-256");
             let config: Config = Config::figment(None).extract()?;
             assert_eq!(config.kafka.sasl.unwrap().mechanism, SaslMechanism::ScramSha256);
             jail.set_env("MEMOS__KAFKA__SASL__MECHANISM", "GSSAPI");
-            assert!(Config::figment(None).extract::<Config>().is_err(), "an unknown mechanism");
+            assert!(
+                Config::figment(None).extract::<Config>().is_err(),
+                "an unknown mechanism"
+            );
             jail.set_env("MEMOS__KAFKA__SASL__MECHANISM", "PLAIN");
 
             jail.set_env("MEMOS__KAFKA__SECURITY_PROTOCOL", "plaintext");
             let config: Config = Config::figment(None).extract()?;
             assert!(config.kafka.check().is_err(), "credentials that would be ignored");
             jail.set_env("MEMOS__KAFKA__SECURITY_PROTOCOL", "ssl");
-            assert!(Config::figment(None).extract::<Config>().is_err(), "an unknown protocol");
+            assert!(
+                Config::figment(None).extract::<Config>().is_err(),
+                "an unknown protocol"
+            );
             Ok(())
         });
     }
