@@ -21,5 +21,6 @@ mod prometheus;
 mod replay;
 mod replay_tasks;
 mod routes;
+mod sasl;
 mod stall;
 mod task_views;
