@@ -26,6 +26,10 @@ pub enum ProduceError {
     /// The broker refused the record for its size; retrying cannot help.
     #[error("record too large for the broker: {0}")]
     TooLarge(KafkaError),
+    /// The broker refused this client's principal (authentication, or no WRITE on the topic
+    /// by its ACLs): a configuration error; retrying cannot help until an operator fixes it.
+    #[error("the broker refused this client's principal: {0}")]
+    NotAuthorized(KafkaError),
     /// The broker could not be reached or did not acknowledge in time; a retry may succeed.
     #[error("broker did not acknowledge: {0}")]
     Unavailable(KafkaError),
@@ -126,6 +130,7 @@ impl CommandProducer {
                 let error = classify(e);
                 let kind = match error {
                     ProduceError::TooLarge(_) => "too_large",
+                    ProduceError::NotAuthorized(_) => "not_authorized",
                     ProduceError::Unavailable(_) => "unavailable",
                 };
                 metrics::counter!(m::PRODUCER_ERRORS, "topic" => topic.to_owned(), "kind" => kind)
@@ -188,6 +193,13 @@ fn classify(e: KafkaError) -> ProduceError {
         Some(RDKafkaErrorCode::MessageSizeTooLarge) | Some(RDKafkaErrorCode::InvalidMessageSize) => {
             ProduceError::TooLarge(e)
         }
+        Some(
+            RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
+            | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+            | RDKafkaErrorCode::SaslAuthenticationFailed
+            | RDKafkaErrorCode::Authentication,
+        ) => ProduceError::NotAuthorized(e),
         _ => ProduceError::Unavailable(e),
     }
 }

@@ -370,3 +370,41 @@ async fn sasl_memos_runs_with_its_principals_and_projects_a_write() -> anyhow::R
     env.cleanup().await;
     Ok(())
 }
+
+/// An API whose Kafka principal may not write the command topic answers `500 misconfigured`
+/// (an operator must grant it), not a `503` telling the client to retry, and counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the SASL stack: MEMOS_SASL_STACK_DIR (scripts/test runs it)"]
+async fn sasl_an_api_refused_by_the_acls_says_so() -> anyhow::Result<()> {
+    let stack = SaslStack::open()?;
+    let env = stack.test_env().await?;
+    stack.create_topics(&env)?;
+    // The projector's principal reads the commands but may not write them.
+    let mut vars = stack.principal("memos-projector")?;
+    vars.push(("MEMOS__HTTP__AUTH".into(), "none".into()));
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let api = MemosProcess::start(&env, "api", &vars).await?;
+    let client = Keyed::new(&api.url(""), None);
+    let answer = client
+        .call(
+            Method::POST,
+            "/v1/memories",
+            Some(json!({"agent_id": "a1", "content": "never appended"})),
+            &[("x-memos-actor", "a1")],
+        )
+        .await?;
+    assert_eq!(answer.status, 500, "{}", answer.body);
+    assert_eq!(answer.body["code"], "misconfigured", "{}", answer.body);
+    let text = reqwest::get(api.url("/metrics")).await?.text().await?;
+    assert_eq!(
+        metrics_text::sum(
+            &text,
+            "memos_producer_delivery_errors_total",
+            &[("kind", "not_authorized")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(records(&env, &env.commands_topic)?, 0);
+    env.cleanup().await;
+    Ok(())
+}

@@ -204,6 +204,14 @@ async fn send(
                 "too_large",
                 "the command is larger than the broker accepts",
             ),
+            ProduceError::NotAuthorized(e) => {
+                tracing::error!(error = %e, topic, "the broker refuses this process's Kafka principal");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "misconfigured",
+                    "the command log refuses this service's Kafka principal (broker ACLs); an operator must grant it",
+                )
+            }
             ProduceError::Unavailable(e) => {
                 tracing::warn!(error = %e, "append failed");
                 ApiError::unavailable(

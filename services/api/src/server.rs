@@ -512,7 +512,7 @@ impl Api {
             &state.config.topics.memory_commands,
             &state.config.topics.task_commands,
         ] {
-            for kind in ["too_large", "unavailable"] {
+            for kind in ["too_large", "not_authorized", "unavailable"] {
                 metrics::counter!(m::PRODUCER_ERRORS, "topic" => topic.clone(), "kind" => kind).increment(0);
             }
         }

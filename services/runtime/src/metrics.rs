@@ -232,7 +232,7 @@ pub const CATALOGUE: &[MetricDef] = &[
         name: PRODUCER_ERRORS,
         kind: Counter,
         labels: &["topic", "kind"],
-        help: "Records the broker did not acknowledge, by kind: too_large, unavailable.",
+        help: "Records the broker did not acknowledge, by kind: too_large, not_authorized (the broker refused the principal: ACLs or credentials), unavailable.",
     },
     MetricDef {
         name: PRODUCER_SECONDS,
