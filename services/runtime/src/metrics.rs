@@ -67,6 +67,7 @@ pub const HTTP_REQUESTS: &str = "memos_http_requests_total";
 pub const HTTP_SECONDS: &str = "memos_http_request_duration_seconds";
 pub const HTTP_IN_FLIGHT: &str = "memos_http_requests_in_flight";
 pub const HTTP_DENIED: &str = "memos_http_denied_total";
+pub const JWT_JWKS_RELOADS: &str = "memos_jwt_jwks_reloads_total";
 pub const BUILD_INFO: &str = "memos_build_info";
 pub const ORCHESTRATOR_COMMANDS: &str = "memos_orchestrator_commands_total";
 pub const ORCHESTRATOR_EVENTS: &str = "memos_orchestrator_events_total";
@@ -268,6 +269,12 @@ pub const CATALOGUE: &[MetricDef] = &[
         kind: Counter,
         labels: &["reason"],
         help: "Requests refused for their credential (401) or what it may do (403), by reason.",
+    },
+    MetricDef {
+        name: JWT_JWKS_RELOADS,
+        kind: Counter,
+        labels: &["outcome"],
+        help: "Reads of the JWKS file (http.jwt.jwks_file): loaded, or failed (the keys read before stay in force).",
     },
     MetricDef {
         name: BUILD_INFO,
