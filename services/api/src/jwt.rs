@@ -155,7 +155,9 @@ impl JwtVerifier {
             }
         }
         let Some(&first) = algorithms.first() else {
-            bail!("http.jwt.algorithms is empty: pin the algorithms your identity provider signs with, e.g. [\"RS256\"]");
+            bail!(
+                "http.jwt.algorithms is empty: pin the algorithms your identity provider signs with, e.g. [\"RS256\"]"
+            );
         };
         let family = first.family();
         if let Some(other) = algorithms.iter().find(|a| a.family() != family) {
@@ -217,10 +219,7 @@ impl JwtVerifier {
                 pinned()
             );
             let key = DecodingKey::from_secret(secret.expose().as_bytes()).context("http.jwt.secret")?;
-            Keys::One(VerifyingKey {
-                key,
-                algorithm: None,
-            })
+            Keys::One(VerifyingKey { key, algorithm: None })
         } else {
             ensure!(
                 family != AlgorithmFamily::Hmac,
@@ -232,7 +231,8 @@ impl JwtVerifier {
                     .with_context(|| format!("cannot read http.jwt.key_file {}", path.display()))?;
                 let text = String::from_utf8_lossy(&pem);
                 ensure!(
-                    text.contains("-----BEGIN PUBLIC KEY-----") || text.contains("-----BEGIN RSA PUBLIC KEY-----"),
+                    text.contains("-----BEGIN PUBLIC KEY-----")
+                        || text.contains("-----BEGIN RSA PUBLIC KEY-----"),
                     "http.jwt.key_file {} is not a PEM public key (-----BEGIN PUBLIC KEY-----); give the identity provider's public key, never a private one",
                     path.display()
                 );
@@ -249,10 +249,7 @@ impl JwtVerifier {
                         pinned()
                     )
                 })?;
-                Keys::One(VerifyingKey {
-                    key,
-                    algorithm: None,
-                })
+                Keys::One(VerifyingKey { key, algorithm: None })
             } else {
                 let path = config.jwks_file.clone().expect("one source is set");
                 let set = read_jwks(&path, &algorithms)?;
@@ -296,7 +293,10 @@ impl JwtVerifier {
         let claims = match &self.keys {
             Keys::One(key) => self.decode(token, header.alg, key)?,
             Keys::Jwks { by_kid, .. } => {
-                let kid = header.kid.as_deref().ok_or_else(|| bad("the token names no key (kid)"))?;
+                let kid = header
+                    .kid
+                    .as_deref()
+                    .ok_or_else(|| bad("the token names no key (kid)"))?;
                 let set = by_kid.read().expect("JWKS lock").clone();
                 let key = set
                     .get(kid)
@@ -336,7 +336,9 @@ impl JwtVerifier {
             return Err(bad(e.to_string()));
         }
         if name.contains(" via ") {
-            return Err(bad("sub may not contain \" via \" (it reads as a service acting for an agent)"));
+            return Err(bad(
+                "sub may not contain \" via \" (it reads as a service acting for an agent)",
+            ));
         }
         let role_claim = &self.claims.role;
         let roles: BTreeSet<Role> = match claims.get(role_claim) {
@@ -408,7 +410,10 @@ impl JwtVerifier {
     }
 
     /// Re-reads the JWKS file every `jwks_refresh` until `shutdown`; nothing to do for one key.
-    pub fn spawn_refresh(self: &Arc<Self>, shutdown: CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
+    pub fn spawn_refresh(
+        self: &Arc<Self>,
+        shutdown: CancellationToken,
+    ) -> Option<tokio::task::JoinHandle<()>> {
         if !matches!(self.keys, Keys::Jwks { .. }) {
             return None;
         }
@@ -428,7 +433,9 @@ impl JwtVerifier {
                 };
                 match reloaded {
                     Ok(Ok(_)) => {}
-                    Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "JWKS not reloaded; the keys read before stay in force"),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %format!("{e:#}"), "JWKS not reloaded; the keys read before stay in force")
+                    }
                     Err(e) => tracing::error!(error = %e, "JWKS reload panicked"),
                 }
             }
@@ -463,8 +470,12 @@ fn names(claims: &Map<String, Value>, claim: &str) -> Result<BTreeSet<String>, R
 fn read_jwks(path: &Path, algorithms: &[Algorithm]) -> anyhow::Result<HashMap<String, VerifyingKey>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read http.jwt.jwks_file {}", path.display()))?;
-    let set: JwkSet = serde_json::from_str(&text)
-        .with_context(|| format!("http.jwt.jwks_file {} is not a JWKS ({{\"keys\": [...]}})", path.display()))?;
+    let set: JwkSet = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "http.jwt.jwks_file {} is not a JWKS ({{\"keys\": [...]}})",
+            path.display()
+        )
+    })?;
     let family = algorithms.first().map(|a| a.family());
     let mut usable = HashMap::new();
     for jwk in &set.keys {
@@ -474,7 +485,12 @@ fn read_jwks(path: &Path, algorithms: &[Algorithm]) -> anyhow::Result<HashMap<St
             skip("it has no kid");
             continue;
         }
-        if jwk.common.public_key_use.as_ref().is_some_and(|u| *u != PublicKeyUse::Signature) {
+        if jwk
+            .common
+            .public_key_use
+            .as_ref()
+            .is_some_and(|u| *u != PublicKeyUse::Signature)
+        {
             skip("it is not for signatures");
             continue;
         }
@@ -526,8 +542,14 @@ fn read_jwks(path: &Path, algorithms: &[Algorithm]) -> anyhow::Result<HashMap<St
         };
         match DecodingKey::from_jwk(jwk) {
             Ok(key) => {
-                if usable.insert(kid.clone(), VerifyingKey { key, algorithm }).is_some() {
-                    bail!("http.jwt.jwks_file {} holds two keys with kid {kid:?}", path.display());
+                if usable
+                    .insert(kid.clone(), VerifyingKey { key, algorithm })
+                    .is_some()
+                {
+                    bail!(
+                        "http.jwt.jwks_file {} holds two keys with kid {kid:?}",
+                        path.display()
+                    );
                 }
             }
             Err(e) => skip(&format!("not a valid key: {e}")),
@@ -586,7 +608,12 @@ mod tests {
     fn rs256(kid: &str, pem: &str, claims: &Value) -> String {
         let mut header = Header::new(Algorithm::RS256);
         header.kid = Some(kid.into());
-        jsonwebtoken::encode(&header, claims, &EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap()).unwrap()
+        jsonwebtoken::encode(
+            &header,
+            claims,
+            &EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap(),
+        )
+        .unwrap()
     }
 
     fn jwk(kid: &str, pem: &str, alg: Algorithm) -> Value {
@@ -666,7 +693,11 @@ mod tests {
         assert!(v.verify(&rs256("a", SIGNER_KEY, &c)).is_ok());
         c["exp"] = json!(now() + 300);
         c["nbf"] = json!(now() + 120);
-        assert_eq!(reason(v.verify(&rs256("a", SIGNER_KEY, &c))), "bad_token", "not yet valid");
+        assert_eq!(
+            reason(v.verify(&rs256("a", SIGNER_KEY, &c))),
+            "bad_token",
+            "not yet valid"
+        );
     }
 
     #[test]
@@ -675,18 +706,30 @@ mod tests {
         let c = claims("alice", json!("agent"));
         let forged = rs256("a", OTHER_KEY, &c);
         assert_eq!(v.verify(&forged), Err(bad("the signature does not verify")));
-        assert_eq!(reason(v.verify(&rs256("b", OTHER_KEY, &c))), "bad_token", "unknown kid");
+        assert_eq!(
+            reason(v.verify(&rs256("b", OTHER_KEY, &c))),
+            "bad_token",
+            "unknown kid"
+        );
         let mut header = Header::new(Algorithm::RS256);
         header.kid = None;
-        let no_kid =
-            jsonwebtoken::encode(&header, &c, &EncodingKey::from_rsa_pem(SIGNER_KEY.as_bytes()).unwrap()).unwrap();
+        let no_kid = jsonwebtoken::encode(
+            &header,
+            &c,
+            &EncodingKey::from_rsa_pem(SIGNER_KEY.as_bytes()).unwrap(),
+        )
+        .unwrap();
         assert_eq!(reason(v.verify(&no_kid)), "bad_token");
         // A key the token carries itself is never used.
         let mut header = Header::new(Algorithm::RS256);
         header.kid = Some("a".into());
         header.jwk = Some(serde_json::from_value(jwk("a", OTHER_KEY, Algorithm::RS256)).unwrap());
-        let self_signed =
-            jsonwebtoken::encode(&header, &c, &EncodingKey::from_rsa_pem(OTHER_KEY.as_bytes()).unwrap()).unwrap();
+        let self_signed = jsonwebtoken::encode(
+            &header,
+            &c,
+            &EncodingKey::from_rsa_pem(OTHER_KEY.as_bytes()).unwrap(),
+        )
+        .unwrap();
         assert_eq!(reason(v.verify(&self_signed)), "bad_token");
     }
 
@@ -718,8 +761,12 @@ mod tests {
         let c = claims("alice", json!("operator"));
         let mut header = Header::new(Algorithm::HS256);
         header.kid = Some("a".into());
-        let confused =
-            jsonwebtoken::encode(&header, &c, &EncodingKey::from_secret(SIGNER_PUB.as_bytes()).unwrap()).unwrap();
+        let confused = jsonwebtoken::encode(
+            &header,
+            &c,
+            &EncodingKey::from_secret(SIGNER_PUB.as_bytes()).unwrap(),
+        )
+        .unwrap();
         let (v, _) = verifier();
         assert_eq!(
             v.verify(&confused),
@@ -730,14 +777,21 @@ mod tests {
         with_file.key_file = Some(temp_file("signer.pem", SIGNER_PUB));
         let v = JwtVerifier::from_config(&with_file).unwrap();
         assert_eq!(reason(v.verify(&confused)), "bad_token");
-        assert!(v.verify(&rs256("any", SIGNER_KEY, &c)).is_ok(), "one key: no kid needed");
+        assert!(
+            v.verify(&rs256("any", SIGNER_KEY, &c)).is_ok(),
+            "one key: no kid needed"
+        );
         assert_eq!(reason(v.verify(&rs256("any", OTHER_KEY, &c))), "bad_token");
 
         // RS384 is RSA too, but not pinned.
         let mut header = Header::new(Algorithm::RS384);
         header.kid = Some("a".into());
-        let rs384 =
-            jsonwebtoken::encode(&header, &c, &EncodingKey::from_rsa_pem(SIGNER_KEY.as_bytes()).unwrap()).unwrap();
+        let rs384 = jsonwebtoken::encode(
+            &header,
+            &c,
+            &EncodingKey::from_rsa_pem(SIGNER_KEY.as_bytes()).unwrap(),
+        )
+        .unwrap();
         assert_eq!(reason(v.verify(&rs384)), "bad_token");
     }
 
@@ -755,11 +809,18 @@ mod tests {
         }
         let mut c = claims("alice", json!("agent"));
         c["aud"] = json!(["another-api", AUDIENCE]);
-        assert!(v.verify(&rs256("a", SIGNER_KEY, &c)).is_ok(), "one of its audiences");
+        assert!(
+            v.verify(&rs256("a", SIGNER_KEY, &c)).is_ok(),
+            "one of its audiences"
+        );
         for claim in ["iss", "aud", "sub", "exp"] {
             let mut c = claims("alice", json!("agent"));
             c.as_object_mut().unwrap().remove(claim);
-            assert_eq!(reason(v.verify(&rs256("a", SIGNER_KEY, &c))), "bad_token", "without {claim}");
+            assert_eq!(
+                reason(v.verify(&rs256("a", SIGNER_KEY, &c))),
+                "bad_token",
+                "without {claim}"
+            );
         }
     }
 
@@ -785,7 +846,11 @@ mod tests {
         }
         for sub in ["", "bob via ingest", "a\u{7}b"] {
             let c = claims(sub, json!("agent"));
-            assert_eq!(reason(v.verify(&rs256("a", SIGNER_KEY, &c))), "bad_token", "{sub:?}");
+            assert_eq!(
+                reason(v.verify(&rs256("a", SIGNER_KEY, &c))),
+                "bad_token",
+                "{sub:?}"
+            );
         }
         let mut c = claims("alice", json!("agent"));
         c["memos_namespaces"] = json!([1, 2]);
@@ -800,7 +865,8 @@ mod tests {
         let old_token = rs256("a", SIGNER_KEY, &c);
         assert!(v.verify(&new_token).is_err());
 
-        let both = json!({"keys": [jwk("a", SIGNER_KEY, Algorithm::RS256), jwk("b", OTHER_KEY, Algorithm::RS256)]});
+        let both =
+            json!({"keys": [jwk("a", SIGNER_KEY, Algorithm::RS256), jwk("b", OTHER_KEY, Algorithm::RS256)]});
         std::fs::write(&path, both.to_string()).unwrap();
         assert_eq!(v.reload().unwrap(), 2);
         assert!(v.verify(&new_token).is_ok() && v.verify(&old_token).is_ok());
@@ -832,12 +898,18 @@ mod tests {
         let mut with_file = config.clone();
         with_file.jwks_file = None;
         with_file.key_file = Some(temp_file("ec.pem", EC_PUB));
-        assert!(JwtVerifier::from_config(&with_file).unwrap().verify(&token).is_ok());
+        assert!(
+            JwtVerifier::from_config(&with_file)
+                .unwrap()
+                .verify(&token)
+                .is_ok()
+        );
     }
 
     #[test]
     fn a_configuration_that_does_not_fit_is_refused_at_start() {
-        let error = |config: &JwtConfig| format!("{:#}", JwtVerifier::from_config(config).err().expect("refused"));
+        let error =
+            |config: &JwtConfig| format!("{:#}", JwtVerifier::from_config(config).err().expect("refused"));
         let rsa_file = temp_file("rsa.pem", SIGNER_PUB);
 
         let mut c = config(&[]);

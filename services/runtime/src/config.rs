@@ -573,7 +573,10 @@ mod tests {
             jail.set_env("MEMOS__HTTP__JWT__ALGORITHMS", "[HS256]");
             jail.set_env("MEMOS__HTTP__JWT__SECRET", "a-shared-secret-of-at-least-32-bytes");
             let config: Config = Config::figment(None).extract()?;
-            assert!(!format!("{config:?}").contains("a-shared-secret"), "secrets never print");
+            assert!(
+                !format!("{config:?}").contains("a-shared-secret"),
+                "secrets never print"
+            );
 
             jail.set_env("MEMOS__HTTP__JWT__ISSUERS", "x");
             let err = Config::figment(None).extract::<Config>().unwrap_err();
