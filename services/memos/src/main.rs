@@ -132,6 +132,7 @@ async fn run(config: Arc<Config>, role: Role) -> anyhow::Result<()> {
     }
 
     if role != Role::Projector {
+        memos_api::jwt::export_metrics();
         let auth = match config.http.auth {
             AuthMode::Keys => {
                 let followed = memos_kafka::keys::follow(config.clone(), shutdown.child_token());
@@ -139,7 +140,6 @@ async fn run(config: Arc<Config>, role: Role) -> anyhow::Result<()> {
                 if !followed.wait_caught_up(Duration::from_secs(30)).await {
                     tracing::warn!("the keys log was not read within 30 s; unknown keys get 503 until it is");
                 }
-                memos_api::jwt::export_metrics();
                 let jwt = match &config.http.jwt {
                     Some(jwt) => {
                         let verifier = Arc::new(JwtVerifier::from_config(jwt).context("http.jwt")?);
