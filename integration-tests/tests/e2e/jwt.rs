@@ -356,7 +356,8 @@ async fn a_jwt_is_its_subjects_principal_and_bad_tokens_are_refused_and_counted(
     Ok(())
 }
 
-/// A JWT configuration that cannot be right stops the process at start, saying why.
+/// A JWT configuration that cannot be right stops the process at start, saying why: keys
+/// that do not fit the algorithms, or JWTs with `http.auth = "none"`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_jwt_configuration_that_does_not_fit_its_keys_is_refused_at_start() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
@@ -372,6 +373,17 @@ async fn a_jwt_configuration_that_does_not_fit_its_keys_is_refused_at_start() ->
         Err(e) => format!("{e:#}"),
     };
     assert!(error.contains("holds no usable key"), "{error}");
+
+    // JWTs with `auth = "none"` would be a credential nobody checks.
+    let mut extra = jwt_env(&jwks);
+    extra.retain(|(k, _)| *k != "MEMOS__HTTP__AUTH");
+    extra.push(("MEMOS__HTTP__AUTH", "none".into()));
+    let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let error = match MemosProcess::start(&env, "api", &extra).await {
+        Ok(_) => anyhow::bail!("memos started with http.jwt and auth none"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(error.contains("checks no credential"), "{error}");
     let _ = std::fs::remove_dir_all(&dir);
     env.cleanup().await;
     Ok(())
