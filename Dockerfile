@@ -5,9 +5,9 @@
 FROM rust:1.95-bookworm AS builder
 WORKDIR /src
 # rdkafka builds librdkafka from source: needs make and a C toolchain (already
-# in the rust image) plus zlib headers and pkg-config.
+# in the rust image) plus zlib and OpenSSL headers (SASL/SCRAM and TLS) and pkg-config.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends pkg-config zlib1g-dev \
+ && apt-get install -y --no-install-recommends pkg-config zlib1g-dev libssl-dev \
  && rm -rf /var/lib/apt/lists/*
 COPY . .
 # Cache mounts keep the registry and target dir between builds; the binary is
@@ -20,7 +20,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM debian:bookworm-slim AS runtime
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
+ && apt-get install -y --no-install-recommends ca-certificates libssl3 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin memos
 COPY --from=builder /out/memos /usr/local/bin/memos

@@ -12,10 +12,11 @@ pub struct Api {
     pub base: String,
 }
 
-/// An answer: status code and JSON body.
+/// An answer: status code, JSON body and the `Retry-After` header, if any.
 pub struct Answer {
     pub status: u16,
     pub body: Value,
+    pub retry_after: Option<String>,
 }
 
 impl Api {
@@ -28,13 +29,22 @@ impl Api {
 
     async fn answer(response: reqwest::Response) -> anyhow::Result<Answer> {
         let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let text = response.text().await?;
         let body = if text.is_empty() {
             Value::Null
         } else {
             serde_json::from_str(&text).unwrap_or(Value::String(text))
         };
-        Ok(Answer { status, body })
+        Ok(Answer {
+            status,
+            body,
+            retry_after,
+        })
     }
 
     /// POST a JSON body, optionally as `actor` (X-Memos-Actor).

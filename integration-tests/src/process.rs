@@ -174,9 +174,15 @@ pub struct CtlOutput {
 
 /// Runs `memosctl` with `env`'s configuration.
 pub fn memosctl(env: &TestEnv, args: &[&str]) -> anyhow::Result<CtlOutput> {
+    memosctl_as(env, &[], args)
+}
+
+/// Runs `memosctl` with `env`'s configuration and `extra` variables (a Kafka principal's).
+pub fn memosctl_as(env: &TestEnv, extra: &[(&str, &str)], args: &[&str]) -> anyhow::Result<CtlOutput> {
     let output = Command::new(binary("memosctl")?)
         .args(args)
         .envs(env.process_env())
+        .envs(extra.iter().copied())
         .env_remove("RUST_BACKTRACE")
         .output()?;
     Ok(CtlOutput {

@@ -65,6 +65,11 @@ pub struct TestEnv {
     pub orchestrator_group_id: String,
     pub redis_prefix: String,
     pub pool: PgPool,
+    /// librdkafka properties of the test's own clients ([`TestEnv::kafka_config`]): the
+    /// credentials of a broker that wants them (empty on the plaintext stack).
+    pub kafka_properties: Vec<(String, String)>,
+    /// In every topic name of this test: what [`TestEnv::cleanup`] deletes.
+    id: String,
 }
 
 impl TestEnv {
@@ -74,6 +79,11 @@ impl TestEnv {
         let brokers = setting("MEMOS_KAFKA_BROKERS", &file)?;
         let admin_url = setting("DATABASE_URL", &file)?;
         let redis_url = setting("REDIS_URL", &file)?;
+        Self::on(brokers, admin_url, redis_url).await
+    }
+
+    /// [`TestEnv::new`] on the stack at these addresses (another stack than `.stack`).
+    pub async fn on(brokers: String, admin_url: String, redis_url: String) -> anyhow::Result<TestEnv> {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let database = format!("memos_it_{}", &id[..12]);
         let mut admin = PgConnection::connect(&admin_url)
@@ -105,7 +115,14 @@ impl TestEnv {
             orchestrator_group_id: format!("memos-it-{id}-orchestrator"),
             redis_prefix: format!("memos-it-{id}"),
             pool,
+            kafka_properties: Vec::new(),
+            id,
         })
+    }
+
+    /// The random id in every topic, group and database name of this test.
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// Environment for a `memos` process bound to this test's resources.
@@ -140,6 +157,9 @@ impl TestEnv {
     pub fn kafka_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers);
+        for (key, value) in &self.kafka_properties {
+            config.set(key, value);
+        }
         config
     }
 
@@ -184,7 +204,7 @@ impl TestEnv {
     /// every test's partitions takes minutes to start after a few suite runs.
     pub async fn cleanup(self) {
         self.pool.close().await;
-        let prefix = self.commands_topic.trim_end_matches("memory.commands").to_owned();
+        let id = self.id.clone();
         let config = self.kafka_config();
         let listed = config.clone();
         let topics = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
@@ -194,7 +214,7 @@ impl TestEnv {
                 .topics()
                 .iter()
                 .map(|t| t.name().to_owned())
-                .filter(|name| name.starts_with(&prefix))
+                .filter(|name| name.contains(&id))
                 .collect())
         })
         .await;

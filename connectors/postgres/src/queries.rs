@@ -1,6 +1,7 @@
-//! The queries the API serves. Every query that takes a `reader` answers only what that agent
-//! may read: its own namespace, plus the memories and namespaces shared with it. Forgotten
-//! memories are never returned; expired ones only when asked for.
+//! The queries the API serves. Every query that takes a [`Reader`] answers only what that
+//! agent may read: its own namespace and the team namespaces it is granted, plus the memories
+//! and namespaces shared with it. Forgotten memories are never returned; expired ones only
+//! when asked for.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -17,32 +18,79 @@ macro_rules! memory_columns {
     };
 }
 
-/// `$1` is the reader (NULL: no restriction).
+/// Who a query reads as: an agent, and the team namespaces it may read besides its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reader {
+    /// The agent first, then its team namespaces: bound as one `text[]`.
+    scope: Vec<String>,
+}
+
+impl Reader {
+    /// An agent reading its own namespace and what is shared with it.
+    pub fn agent(agent: impl Into<String>) -> Reader {
+        Reader {
+            scope: vec![agent.into()],
+        }
+    }
+
+    /// An agent that also reads the namespaces it is granted (team namespaces).
+    pub fn with_namespaces(agent: impl Into<String>, namespaces: impl IntoIterator<Item = String>) -> Reader {
+        let mut reader = Reader::agent(agent);
+        for namespace in namespaces {
+            if !reader.scope.contains(&namespace) {
+                reader.scope.push(namespace);
+            }
+        }
+        reader
+    }
+
+    /// The agent it reads as (the grantee of shares).
+    pub fn name(&self) -> &str {
+        &self.scope[0]
+    }
+
+    /// Whether every memory of `namespace` is readable without a share.
+    pub fn reads_namespace(&self, namespace: &str) -> bool {
+        self.scope.iter().any(|n| n == namespace)
+    }
+}
+
+fn scope(reader: Option<&Reader>) -> Option<&[String]> {
+    reader.map(|r| r.scope.as_slice())
+}
+
+/// `$1` is the reader's scope (NULL: no restriction): its agent, then its team namespaces;
+/// shares are granted to the agent.
 macro_rules! readable_by_1 {
     () => {
-        "($1::text IS NULL OR m.namespace = $1 OR EXISTS (SELECT 1 FROM memory_shares s \
-         WHERE s.namespace = m.namespace AND s.grantee = $1 \
+        "($1::text[] IS NULL OR m.namespace = ANY($1::text[]) OR EXISTS (SELECT 1 FROM memory_shares s \
+         WHERE s.namespace = m.namespace AND s.grantee = ($1::text[])[1] \
          AND (s.memory_id IS NULL OR s.memory_id = m.memory_id)))"
     };
 }
 
 /// One memory, forgotten or not (the caller decides what a forgotten one means).
-pub async fn memory(pool: &PgPool, reader: Option<&str>, id: Uuid) -> Result<Option<Memory>, sqlx::Error> {
+pub async fn memory(pool: &PgPool, reader: Option<&Reader>, id: Uuid) -> Result<Option<Memory>, sqlx::Error> {
     sqlx::query_as(concat!(
         "SELECT ",
         memory_columns!(),
         " FROM memories m WHERE m.memory_id = $2 AND ",
         readable_by_1!()
     ))
-    .bind(reader)
+    .bind(scope(reader))
     .bind(id)
     .fetch_optional(pool)
     .await
 }
 
 /// Whether `reader` may read memory `id` of `namespace`.
-pub async fn may_read(pool: &PgPool, reader: &str, namespace: &str, id: Uuid) -> Result<bool, sqlx::Error> {
-    if reader == namespace {
+pub async fn may_read(
+    pool: &PgPool,
+    reader: &Reader,
+    namespace: &str,
+    id: Uuid,
+) -> Result<bool, sqlx::Error> {
+    if reader.reads_namespace(namespace) {
         return Ok(true);
     }
     let (shared,): (bool,) = sqlx::query_as(
@@ -50,7 +98,7 @@ pub async fn may_read(pool: &PgPool, reader: &str, namespace: &str, id: Uuid) ->
                         AND (memory_id IS NULL OR memory_id = $3))",
     )
     .bind(namespace)
-    .bind(reader)
+    .bind(reader.name())
     .bind(id)
     .fetch_one(pool)
     .await?;
@@ -127,7 +175,7 @@ macro_rules! list_filters {
 #[allow(clippy::too_many_arguments)]
 pub async fn list(
     pool: &PgPool,
-    reader: Option<&str>,
+    reader: Option<&Reader>,
     namespace: &str,
     filter: &ListFilter,
     now: DateTime<Utc>,
@@ -155,7 +203,7 @@ pub async fn list(
         ),
     };
     let mut query = sqlx::query_as(sql)
-        .bind(reader)
+        .bind(scope(reader))
         .bind(namespace)
         .bind(&filter.tier)
         .bind(&filter.tags_any)
@@ -180,7 +228,7 @@ pub async fn list(
 /// may not read it), from the history's validity intervals, without its embedding.
 pub async fn memory_as_of(
     pool: &PgPool,
-    reader: Option<&str>,
+    reader: Option<&Reader>,
     id: Uuid,
     at: DateTime<Utc>,
 ) -> Result<Option<Memory>, sqlx::Error> {
@@ -193,7 +241,7 @@ pub async fn memory_as_of(
          WHERE ",
         readable_by_1!()
     ))
-    .bind(reader)
+    .bind(scope(reader))
     .bind(id)
     .bind(at)
     .fetch_optional(pool)
@@ -232,7 +280,7 @@ fn vector_literal(embedding: &[f32]) -> String {
 /// Searches everything `reader` may read (never forgotten or expired memories).
 pub async fn search(
     pool: &PgPool,
-    reader: &str,
+    reader: &Reader,
     mode: &SearchMode,
     dimensions: usize,
     now: DateTime<Utc>,
@@ -254,7 +302,7 @@ pub async fn search(
                  ORDER BY score DESC, m.memory_id LIMIT $4"
             );
             sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                .bind(reader)
+                .bind(scope(Some(reader)))
                 .bind(now)
                 .bind(query)
                 .bind(limit)
@@ -269,7 +317,7 @@ pub async fn search(
                  ORDER BY m.embedding::vector({dimensions}) <=> $3::vector({dimensions}), m.memory_id LIMIT $4"
             );
             sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                .bind(reader)
+                .bind(scope(Some(reader)))
                 .bind(now)
                 .bind(vector_literal(embedding))
                 .bind(limit)
@@ -295,7 +343,7 @@ pub async fn search(
                  ORDER BY score DESC, m.memory_id LIMIT $6"
             );
             sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                .bind(reader)
+                .bind(scope(Some(reader)))
                 .bind(now)
                 .bind(vector_literal(embedding))
                 .bind(query)

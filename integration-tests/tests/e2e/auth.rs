@@ -318,3 +318,85 @@ async fn no_authentication_is_refused_off_loopback() -> anyhow::Result<()> {
     env.cleanup().await;
     Ok(())
 }
+
+/// A team namespace: the agents granted it (`--namespace`) write and read it, by id, in
+/// listings, histories and searches; an agent not granted it sees nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_granted_a_team_namespace_read_it_and_no_one_else_does() -> anyhow::Result<()> {
+    use memos_integration_tests::api::Keyed;
+
+    let env = TestEnv::new().await?;
+    let team = ["--namespace", "team-x"];
+    let alice = issue_key(&env, "alice", "agent", &team)?;
+    let bob = issue_key(&env, "bob", "agent", &team)?;
+    let carol = issue_key(&env, "carol", "agent", &[])?;
+    let memos = MemosProcess::start(&env, "all", &[("MEMOS__HTTP__AUTH", "keys")]).await?;
+    let base = memos.url("");
+    let (alice, bob, carol) = (
+        Keyed::new(&base, Some(&alice)),
+        Keyed::new(&base, Some(&bob)),
+        Keyed::new(&base, Some(&carol)),
+    );
+
+    let body = json!({"agent_id": "team-x", "content": "the team's release checklist"});
+    let accepted = alice.call(Method::POST, "/v1/memories", Some(body), &[]).await?;
+    assert_eq!(
+        accepted.status, 202,
+        "alice writes the team namespace: {}",
+        accepted.body
+    );
+    let id = accepted.body["memory_id"].as_str().unwrap().to_owned();
+    let by_id = format!("/v1/memories/{id}");
+    eventually("the team memory is projected", WAIT, || async {
+        Ok((alice.call(Method::GET, &by_id, None, &[]).await?.status == 200).then_some(()))
+    })
+    .await?;
+
+    let search = json!({"agent_id": "bob", "query": "release checklist"});
+    let carol_search = json!({"agent_id": "carol", "query": "release checklist"});
+    let history = format!("{by_id}/history");
+    let listing = "/v1/agents/team-x/memories";
+    for (who, client, sees, search) in [
+        ("bob", &bob, true, &search),
+        ("carol", &carol, false, &carol_search),
+    ] {
+        let answer = client.call(Method::GET, &by_id, None, &[]).await?;
+        assert_eq!(
+            answer.status,
+            if sees { 200 } else { 404 },
+            "{who} by id: {}",
+            answer.body
+        );
+        let answer = client.call(Method::GET, &history, None, &[]).await?;
+        assert_eq!(
+            answer.status,
+            if sees { 200 } else { 404 },
+            "{who} history: {}",
+            answer.body
+        );
+        let answer = client.call(Method::GET, listing, None, &[]).await?;
+        assert_eq!(answer.status, 200, "{who} listing: {}", answer.body);
+        let listed: Vec<&str> = answer.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|m| m["memory_id"].as_str())
+            .collect();
+        assert_eq!(listed == [id.as_str()], sees, "{who} lists {listed:?}");
+        let answer = client
+            .call(Method::POST, "/v1/memories/search", Some(search.clone()), &[])
+            .await?;
+        assert_eq!(answer.status, 200, "{who} search: {}", answer.body);
+        let found = answer.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["memory_id"] == id.as_str());
+        assert_eq!(found, sees, "{who} finds the team memory: {}", answer.body);
+    }
+    // Carol may not write it either.
+    let body = json!({"agent_id": "team-x", "content": "carol's note"});
+    let refused = carol.call(Method::POST, "/v1/memories", Some(body), &[]).await?;
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    Ok(())
+}

@@ -49,7 +49,13 @@ struct Fixtures {
 impl Fixtures {
     /// Ids another agent must not learn anything about.
     fn private(&self) -> [&str; 5] {
-        [&self.memory, &self.write_command, &self.task, &self.template, &self.workflow]
+        [
+            &self.memory,
+            &self.write_command,
+            &self.task,
+            &self.template,
+            &self.workflow,
+        ]
     }
 }
 
@@ -64,12 +70,15 @@ fn call_for(method: &Method, route: &str, who: Who, fx: &Fixtures, n: usize) -> 
     let unique = format!("walk-{n}-{}", Uuid::now_v7());
     let command = Uuid::now_v7().to_string();
     let (path, body) = match (method.as_str(), route) {
-        ("GET", "/healthz" | "/readyz" | "/metrics" | "/v1/tools" | "/v1/agents" | "/v1/orchestrator/stats") => {
-            (route.to_owned(), None)
-        }
+        (
+            "GET",
+            "/healthz" | "/readyz" | "/metrics" | "/v1/tools" | "/v1/agents" | "/v1/orchestrator/stats",
+        ) => (route.to_owned(), None),
         ("POST", "/v1/memories") => (
             route.to_owned(),
-            Some(json!({"agent_id": "alice", "content": format!("written in the walk {n}"), "command_id": command})),
+            Some(
+                json!({"agent_id": "alice", "content": format!("written in the walk {n}"), "command_id": command}),
+            ),
         ),
         ("POST", "/v1/memories/search") => (
             route.to_owned(),
@@ -78,7 +87,9 @@ fn call_for(method: &Method, route: &str, who: Who, fx: &Fixtures, n: usize) -> 
         ("GET", "/v1/memories/{id}") => (format!("/v1/memories/{}", fx.memory), None),
         ("PATCH", "/v1/memories/{id}") => (
             format!("/v1/memories/{}", fx.memory),
-            Some(json!({"agent_id": "alice", "content": format!("updated in the walk {n}"), "command_id": command})),
+            Some(
+                json!({"agent_id": "alice", "content": format!("updated in the walk {n}"), "command_id": command}),
+            ),
         ),
         ("POST", "/v1/memories/{id}/forget") => {
             let target = match who {
@@ -96,16 +107,22 @@ fn call_for(method: &Method, route: &str, who: Who, fx: &Fixtures, n: usize) -> 
         ("GET", "/v1/agents/{agent}/recent") => ("/v1/agents/alice/recent".into(), None),
         ("POST", "/v1/shares" | "/v1/shares/revoke") => (
             route.to_owned(),
-            Some(json!({"agent_id": "alice", "grantee": "carol", "memory_id": fx.memory, "command_id": command})),
+            Some(
+                json!({"agent_id": "alice", "grantee": "carol", "memory_id": fx.memory, "command_id": command}),
+            ),
         ),
         ("POST", "/v1/tools") => (
             route.to_owned(),
-            Some(json!({"agent_id": "alice", "name": unique, "description": "a tool of the walk", "command_id": command})),
+            Some(
+                json!({"agent_id": "alice", "name": unique, "description": "a tool of the walk", "command_id": command}),
+            ),
         ),
         ("GET", "/v1/commands/{id}") => (format!("/v1/commands/{}", fx.write_command), None),
         ("POST", "/v1/agents") => (
             route.to_owned(),
-            Some(json!({"agent_id": "alice", "capabilities": ["walk"], "max_concurrent": 8, "command_id": command})),
+            Some(
+                json!({"agent_id": "alice", "capabilities": ["walk"], "max_concurrent": 8, "command_id": command}),
+            ),
         ),
         ("DELETE", "/v1/agents/{agent}") => ("/v1/agents/alice".into(), Some(json!({"command_id": command}))),
         ("POST", "/v1/agents/{agent}/heartbeat") => (
@@ -115,7 +132,9 @@ fn call_for(method: &Method, route: &str, who: Who, fx: &Fixtures, n: usize) -> 
         ("GET", "/v1/agents/{agent}/inbox") => ("/v1/agents/alice/inbox".into(), None),
         ("POST", "/v1/tasks") => (
             route.to_owned(),
-            Some(json!({"task_id": unique, "required_capabilities": ["nobody-has-it"], "command_id": command})),
+            Some(
+                json!({"task_id": unique, "required_capabilities": ["nobody-has-it"], "command_id": command}),
+            ),
         ),
         ("GET", "/v1/tasks") => ("/v1/tasks?agent_id=alice".into(), None),
         ("GET", "/v1/tasks/{id}") => (format!("/v1/tasks/{}", fx.task), None),
@@ -137,7 +156,9 @@ fn call_for(method: &Method, route: &str, who: Who, fx: &Fixtures, n: usize) -> 
         ),
         ("POST", "/v1/workflow-templates") => (
             route.to_owned(),
-            Some(json!({"name": unique, "steps": [{"step_id": "a", "capability": "nobody-has-it"}], "command_id": command})),
+            Some(
+                json!({"name": unique, "steps": [{"step_id": "a", "capability": "nobody-has-it"}], "command_id": command}),
+            ),
         ),
         ("GET", "/v1/workflow-templates/{name}") => (format!("/v1/workflow-templates/{}", fx.template), None),
         ("POST", "/v1/workflows") => (
@@ -200,7 +221,10 @@ async fn every_route_answers_each_caller_as_its_policy_says() -> anyhow::Result<
         (Who::Other, issue_key(&env, "bob", "agent", &[])?),
         (Who::Auditor, issue_key(&env, "audit", "auditor", &[])?),
         (Who::Owner, issue_key(&env, "alice", "agent", &[])?),
-        (Who::Service, issue_key(&env, "ingest", "service", &["--agent", "alice"])?),
+        (
+            Who::Service,
+            issue_key(&env, "ingest", "service", &["--agent", "alice"])?,
+        ),
     ];
     let memos = MemosProcess::start(&env, "all", &[("MEMOS__HTTP__AUTH", "keys")]).await?;
     let base = memos.url("");
@@ -216,7 +240,9 @@ async fn every_route_answers_each_caller_as_its_policy_says() -> anyhow::Result<
     let mut memories = Vec::new();
     for content in ["alice's private memory", "to forget", "to forget too"] {
         let body = accepted(
-            alice.call(Method::POST, "/v1/memories", Some(write(content)), &[]).await?,
+            alice
+                .call(Method::POST, "/v1/memories", Some(write(content)), &[])
+                .await?,
             "a fixture memory",
         )
         .await?;
@@ -231,7 +257,7 @@ async fn every_route_answers_each_caller_as_its_policy_says() -> anyhow::Result<
                 &[],
             )
             .await?,
-            "alice's registration",
+        "alice's registration",
     )
     .await?;
     let template = format!("walk-template-{}", Uuid::now_v7());
@@ -268,7 +294,12 @@ async fn every_route_answers_each_caller_as_its_policy_says() -> anyhow::Result<
     // The workflow needs its template decided first.
     eventually("alice's task commands are decided", WAIT, || async {
         let answer = alice
-            .call(Method::GET, "/v1/agents/alice/inbox", None, &[("x-memos-command", &task_commands)])
+            .call(
+                Method::GET,
+                "/v1/agents/alice/inbox",
+                None,
+                &[("x-memos-command", &task_commands)],
+            )
             .await?;
         Ok((answer.status == 200).then_some(()))
     })
@@ -295,13 +326,25 @@ async fn every_route_answers_each_caller_as_its_policy_says() -> anyhow::Result<
         Ok((answer.status == 200).then_some(()))
     })
     .await?;
-    let last = memories.last().and_then(|m| m["position"].as_str()).unwrap_or_default().to_owned();
+    let last = memories
+        .last()
+        .and_then(|m| m["position"].as_str())
+        .unwrap_or_default()
+        .to_owned();
     for memory in &memories {
-        let path = format!("/v1/memories/{}", memory["memory_id"].as_str().unwrap_or_default());
+        let path = format!(
+            "/v1/memories/{}",
+            memory["memory_id"].as_str().unwrap_or_default()
+        );
         let answer = alice
             .call(Method::GET, &path, None, &[("x-memos-position", &last)])
             .await?;
-        anyhow::ensure!(answer.status == 200, "fixture memory: {} {}", answer.status, answer.body);
+        anyhow::ensure!(
+            answer.status == 200,
+            "fixture memory: {} {}",
+            answer.status,
+            answer.body
+        );
     }
     let id = |i: usize, field: &str| memories[i][field].as_str().unwrap_or_default().to_owned();
     let fx = Fixtures {
@@ -359,14 +402,27 @@ async fn every_route_answers_each_caller_as_its_policy_says() -> anyhow::Result<
             }
             if [401, 403].contains(&answer.status) {
                 refusals += 1;
-                if answer.body["code"] != if answer.status == 401 { "unauthorized" } else { "forbidden" } {
-                    wrong.push(format!("{} {} as {who:?}: refusal without its JSON code: {text}", route.method, call.path));
+                if answer.body["code"]
+                    != if answer.status == 401 {
+                        "unauthorized"
+                    } else {
+                        "forbidden"
+                    }
+                {
+                    wrong.push(format!(
+                        "{} {} as {who:?}: refusal without its JSON code: {text}",
+                        route.method, call.path
+                    ));
                 }
             }
             if answer.status == 202
                 && let Some(command) = answer.body["command_id"].as_str()
             {
-                commands.push((command.to_owned(), actor(route.policy, who), format!("{} {}", route.method, route.path)));
+                commands.push((
+                    command.to_owned(),
+                    actor(route.policy, who),
+                    format!("{} {}", route.method, route.path),
+                ));
             }
         }
     }
@@ -374,13 +430,26 @@ async fn every_route_answers_each_caller_as_its_policy_says() -> anyhow::Result<
         unwalked.is_empty(),
         "routes the walk has no case for (add one to call_for, and check the route's policy): {unwalked:?}"
     );
-    anyhow::ensure!(wrong.is_empty(), "answers other than the policy's:\n{}", wrong.join("\n"));
+    anyhow::ensure!(
+        wrong.is_empty(),
+        "answers other than the policy's:\n{}",
+        wrong.join("\n")
+    );
 
     // Every refusal is counted, once.
-    let metrics = clients[&Who::Anonymous].call(Method::GET, "/metrics", None, &[]).await?;
-    let counted = metrics_text::sum(metrics.body.as_str().unwrap_or_default(), "memos_http_denied_total", &[])
-        .unwrap_or(0.0);
-    assert_eq!(counted, refusals as f64, "memos_http_denied_total against the refusals answered");
+    let metrics = clients[&Who::Anonymous]
+        .call(Method::GET, "/metrics", None, &[])
+        .await?;
+    let counted = metrics_text::sum(
+        metrics.body.as_str().unwrap_or_default(),
+        "memos_http_denied_total",
+        &[],
+    )
+    .unwrap_or(0.0);
+    assert_eq!(
+        counted, refusals as f64,
+        "memos_http_denied_total against the refusals answered"
+    );
 
     // Every accepted command is decided with the authenticated actor.
     for (command, want, route) in &commands {
@@ -400,5 +469,62 @@ async fn every_route_answers_each_caller_as_its_policy_says() -> anyhow::Result<
         );
     }
     env.cleanup().await;
+    Ok(())
+}
+
+/// `http.operations_bind`: `/metrics` and `/readyz` answer on their own address without a
+/// key, and only there; `/healthz` on both; `/v1` only on the main address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_move_to_the_operations_address_when_one_is_set() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let mut memos = MemosProcess::start(
+        &env,
+        "api",
+        &[
+            ("MEMOS__HTTP__AUTH", "keys"),
+            ("MEMOS__HTTP__OPERATIONS_BIND", "127.0.0.1:0"),
+        ],
+    )
+    .await?;
+    let line = memos.wait_for_log("operations endpoint listening", WAIT).await?;
+    let line: Value = serde_json::from_str(&line)?;
+    let operations = format!(
+        "http://{}",
+        line["fields"]["addr"]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("no addr in {line}"))?
+    );
+    let main = memos.url("");
+    anyhow::ensure!(
+        operations != main,
+        "the operations address is the main one: {main}"
+    );
+    let status = |url: String| async move { anyhow::Ok(reqwest::get(url).await?.status().as_u16()) };
+
+    assert_eq!(status(format!("{operations}/healthz")).await?, 200);
+    assert_eq!(status(format!("{main}/healthz")).await?, 200);
+    // Ready or degraded, but answered, and with no key.
+    let ready = status(format!("{operations}/readyz")).await?;
+    assert!(ready == 200 || ready == 503, "/readyz answered {ready}");
+    let metrics = reqwest::get(format!("{operations}/metrics")).await?;
+    assert_eq!(metrics.status().as_u16(), 200);
+    assert!(metrics.text().await?.contains("memos_http_denied_total"));
+    for path in ["/metrics", "/readyz"] {
+        assert_eq!(
+            status(format!("{main}{path}")).await?,
+            404,
+            "{path} on the main address"
+        );
+    }
+    assert_eq!(
+        status(format!("{operations}/v1/tools")).await?,
+        404,
+        "/v1 on the operations address"
+    );
+    assert_eq!(
+        status(format!("{main}/v1/tools")).await?,
+        401,
+        "/v1 still needs a key"
+    );
     Ok(())
 }

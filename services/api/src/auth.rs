@@ -12,7 +12,8 @@
 //!   is granted), a service for the agents it is granted (recorded as `<agent> via
 //!   <service>`), auditors and operators never; `X-Memos-Actor` is honoured only for
 //!   services;
-//! - the **reader of a query** ([`Caller::reader`]): an agent reads as itself, a service as
+//! - the **reader of a query** ([`Caller::reader`], [`Caller::memory_reader`] adding an
+//!   agent's team namespaces): an agent reads as itself, a service as
 //!   the agent it names in `X-Memos-Agent` (one it is granted; a service granted every agent,
 //!   `*`, reads everything without it), auditors and operators read everything;
 //!   `X-Memos-Agent` naming anyone else is refused.
@@ -30,6 +31,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use memos_kafka::keys::Followed;
+use memos_postgres::queries::Reader;
 use memos_runtime::keys::{self, Principal, Refusal, Role};
 use memos_runtime::metrics as m;
 
@@ -338,6 +340,23 @@ impl Caller {
         }
     }
 
+    /// The [`Reader`] of a memory query about `agent` ([`Caller::reader_for`]): an agent
+    /// reading as itself also reads the team namespaces it is granted; a service reads as
+    /// the agent it is for, without the service's own grants.
+    pub fn memory_reader(
+        &self,
+        headers: &HeaderMap,
+        agent: Option<&str>,
+    ) -> Result<Option<Reader>, ApiError> {
+        let reader = self.reader_for(headers, agent)?;
+        Ok(reader.map(|name| match self.principal() {
+            Some(p) if p.role == Role::Agent && p.name == name => {
+                Reader::with_namespaces(name, p.namespaces.iter().cloned())
+            }
+            _ => Reader::agent(name),
+        }))
+    }
+
     /// Refuses unless the caller may read what belongs to `agent` (an inbox, an agent's
     /// listing): the agent itself, a service granted it, an auditor or operator.
     pub fn may_read_agent(&self, headers: &HeaderMap, agent: &str) -> Result<(), ApiError> {
@@ -356,23 +375,31 @@ impl Caller {
     /// by one of `issuers` (their actors): one of them itself, or a service granted the
     /// agent it issued for. Auditors and operators issue no command ([`Caller::acting_for`]
     /// refuses them first).
-    pub fn may_cancel(&self, headers: &HeaderMap, task_id: &str, issuers: &[Option<&str>]) -> Result<(), ApiError> {
+    pub fn may_cancel(
+        &self,
+        headers: &HeaderMap,
+        task_id: &str,
+        issuers: &[Option<&str>],
+    ) -> Result<(), ApiError> {
         let Some(principal) = self.principal() else {
             return Ok(());
         };
         let for_agent = header_text(headers, ACTOR_HEADER)?;
-        let allowed = issuers.iter().flatten().any(|issuer| {
-            // `<agent> via <service>` was issued for the agent.
-            let agent = issuer.split_once(" via ").map_or(*issuer, |(agent, _)| agent);
-            match principal.role {
-                Role::Agent => agent == principal.name,
-                Role::Service => {
-                    *issuer == principal.name
-                        || principal.may_act_for(agent) && for_agent.is_none_or(|a| a == agent)
+        // A service granted every agent acts for whoever issued it, recorded or not.
+        let everyone = principal.role == Role::Service && principal.agents.contains("*");
+        let allowed = everyone
+            || issuers.iter().flatten().any(|issuer| {
+                // `<agent> via <service>` was issued for the agent.
+                let agent = issuer.split_once(" via ").map_or(*issuer, |(agent, _)| agent);
+                match principal.role {
+                    Role::Agent => agent == principal.name,
+                    Role::Service => {
+                        *issuer == principal.name
+                            || principal.may_act_for(agent) && for_agent.is_none_or(|a| a == agent)
+                    }
+                    Role::Auditor | Role::Operator => false,
                 }
-                Role::Auditor | Role::Operator => false,
-            }
-        });
+            });
         if allowed {
             Ok(())
         } else {
@@ -476,7 +503,11 @@ mod tests {
         // Cancelling: whoever delegated (or started the workflow), or a service for it.
         let none = headers(&[]);
         assert!(alice.may_cancel(&none, "t", &[Some("alice"), None]).is_ok());
-        assert!(alice.may_cancel(&none, "t", &[Some("bob"), Some("alice via ingest")]).is_ok());
+        assert!(
+            alice
+                .may_cancel(&none, "t", &[Some("bob"), Some("alice via ingest")])
+                .is_ok()
+        );
         assert!(alice.may_cancel(&none, "t", &[Some("bob"), None]).is_err());
         assert!(alice.may_cancel(&none, "t", &[None, None]).is_err());
         assert!(ingest.may_cancel(&none, "t", &[Some("bob")]).is_ok());
@@ -485,6 +516,13 @@ mod tests {
         let for_carol = headers(&[(ACTOR_HEADER, "carol")]);
         assert!(ingest.may_cancel(&for_carol, "t", &[Some("bob")]).is_err());
         assert!(auditor.may_cancel(&none, "t", &[Some("audit")]).is_err());
+        let all = Caller::Principal(Arc::new(Principal {
+            name: "dev".into(),
+            role: Role::Service,
+            namespaces: Default::default(),
+            agents: ["*".to_owned()].into(),
+        }));
+        assert!(all.may_cancel(&none, "t", &[None, None]).is_ok());
 
         let open = Caller::Unauthenticated;
         assert_eq!(open.acting_for(&root, Some("alice")).unwrap(), "root");

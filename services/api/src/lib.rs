@@ -11,6 +11,7 @@
 //! - [`edge`]: the bounds every request meets first: timeouts, concurrency, parameters.
 //! - [`error`]: the error body and its status codes.
 //! - [`jwt`]: JWT bearer tokens from an identity provider: verification and principal.
+//! - [`limits`]: request rate and concurrency per principal (`429`).
 //! - [`memories`]: memory commands and memory queries.
 //! - [`registry`]: shares and the tool registry.
 //! - [`server`]: the router, the listener and graceful shutdown.
@@ -22,6 +23,7 @@ pub mod consistency;
 pub mod edge;
 pub mod error;
 pub mod jwt;
+pub mod limits;
 pub mod memories;
 pub mod registry;
 pub mod server;

@@ -12,8 +12,8 @@
 //!
 //! Reads are made as the caller's reader ([`crate::auth::Caller::reader`]: an agent's key reads
 //! as that agent, a service's as the agent it names in `X-Memos-Agent`, auditors and
-//! operators everything): only what that agent may read (its namespace plus shares) is
-//! answered, and anything else is a 404. Search reads as its `agent_id`, which must be the
+//! operators everything): only what that agent may read (its namespace, the team namespaces
+//! its key is granted, and shares) is answered, and anything else is a 404. Search reads as its `agent_id`, which must be the
 //! caller's reader. Every read honours `X-Memos-Position` (read-your-writes).
 
 use axum::Json;
@@ -23,7 +23,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use memos_postgres::memories::{HistoryRow, Memory};
-use memos_postgres::queries::{self, Cursor, ListFilter, Scored, SearchMode};
+use memos_postgres::queries::{self, Cursor, ListFilter, Reader, Scored, SearchMode};
 use memos_runtime::metrics::{self as m, observe};
 use memos_schemas::memory::MAX_METADATA_BYTES;
 use memos_schemas::validate::{self, JsonKind, SearchQuery};
@@ -291,12 +291,12 @@ pub async fn get(
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let memory_id = parse_uuid("memory_id", &id)?;
     validate::check_time_param("as_of", params.as_of.as_ref()).map_err(ApiError::bad_param)?;
-    let reader = caller.reader(&headers)?;
+    let reader = caller.memory_reader(&headers, None)?;
     consistency::wait_for(&state, &headers).await?;
     let not_found = || ApiError::not_found(format!("no memory {memory_id}"));
     if let Some(at) = params.as_of {
         // As of an instant: from the history's validity intervals, never from the hot cache.
-        let read = queries::memory_as_of(&state.pool, reader.as_deref(), memory_id, at);
+        let read = queries::memory_as_of(&state.pool, reader.as_ref(), memory_id, at);
         let memory = observe(m::POSTGRES_SECONDS, m::POSTGRES_ERRORS, "get_memory_as_of", read)
             .await
             .map_err(|e| ApiError::internal("cannot read the memory's history", e))?
@@ -336,7 +336,7 @@ pub async fn get(
         }
         Err(e) => tracing::warn!(error = %e, "hot view unavailable; reading PostgreSQL"),
     }
-    let read = queries::memory(&state.pool, reader.as_deref(), memory_id);
+    let read = queries::memory(&state.pool, reader.as_ref(), memory_id);
     let memory = observe(m::POSTGRES_SECONDS, m::POSTGRES_ERRORS, "get_memory", read)
         .await
         .map_err(|e| ApiError::internal("cannot read the memory", e))?
@@ -352,7 +352,7 @@ pub async fn history(
     headers: HeaderMap,
 ) -> Result<Json<Vec<HistoryRow>>, ApiError> {
     let memory_id = parse_uuid("memory_id", &id)?;
-    let reader = caller.reader(&headers)?;
+    let reader = caller.memory_reader(&headers, None)?;
     consistency::wait_for(&state, &headers).await?;
     let rows = observe(
         m::POSTGRES_SECONDS,
@@ -446,7 +446,7 @@ pub async fn list(
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<Page>, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let reader = caller.reader_for(&headers, Some(&agent))?;
+    let reader = caller.memory_reader(&headers, Some(&agent))?;
     let limit = params.limit.unwrap_or(50);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::bad_request(format!("limit must be 1 to {MAX_PAGE}")).with_field("limit"));
@@ -483,7 +483,7 @@ pub async fn list(
     consistency::wait_for(&state, &headers).await?;
     let list = queries::list(
         &state.pool,
-        reader.as_deref(),
+        reader.as_ref(),
         &agent,
         &filter,
         // As of an instant, expiry is judged at that instant, as the live view did then.
@@ -573,17 +573,19 @@ pub async fn search(
     validate::check_param("agent_id", &request.agent_id).map_err(ApiError::bad_param)?;
     // The search reads as `agent_id`, which must be the caller's reader (an auditor or
     // operator may search as anyone).
-    if let Some(reader) = caller.reader_for(&headers, Some(&request.agent_id))?
-        && reader != request.agent_id
-    {
-        return Err(crate::auth::deny(
-            StatusCode::FORBIDDEN,
-            "impersonation",
-            caller.name(),
-            format!("{reader} may not search as {}", request.agent_id),
-        )
-        .with_field("agent_id"));
-    }
+    let reader = match caller.memory_reader(&headers, Some(&request.agent_id))? {
+        Some(reader) if reader.name() != request.agent_id => {
+            return Err(crate::auth::deny(
+                StatusCode::FORBIDDEN,
+                "impersonation",
+                caller.name(),
+                format!("{} may not search as {}", reader.name(), request.agent_id),
+            )
+            .with_field("agent_id"));
+        }
+        Some(reader) => reader,
+        None => Reader::agent(request.agent_id.clone()),
+    };
     let query = request
         .query
         .filter(|q| !q.trim().is_empty())
@@ -622,14 +624,7 @@ pub async fn search(
     };
     consistency::wait_for(&state, &headers).await?;
     let dimensions = state.config.memory.embedding_dimensions;
-    let search = queries::search(
-        &state.pool,
-        &request.agent_id,
-        &mode,
-        dimensions,
-        Utc::now(),
-        limit,
-    );
+    let search = queries::search(&state.pool, &reader, &mode, dimensions, Utc::now(), limit);
     let items = observe(m::POSTGRES_SECONDS, m::POSTGRES_ERRORS, "search", search)
         .await
         .map_err(|e| ApiError::internal("search failed", e))?;

@@ -28,6 +28,7 @@ use tracing::Instrument;
 use crate::auth::{self, Authenticator};
 use crate::edge::{self, Edge};
 use crate::error::ApiError;
+use crate::limits::{self, Limiter};
 use crate::{commands, memories, registry, tasks};
 
 /// What every handler shares.
@@ -89,35 +90,130 @@ fn v1_routes() -> Vec<(Method, &'static str, Policy, MethodRouter<AppState>)> {
     use Policy::*;
     vec![
         (Method::POST, "/memories", ActsForSubject, post(memories::write)),
-        (Method::POST, "/memories/search", AgentOwned, post(memories::search)),
+        (
+            Method::POST,
+            "/memories/search",
+            AgentOwned,
+            post(memories::search),
+        ),
         (Method::GET, "/memories/{id}", Visible, get(memories::get)),
-        (Method::PATCH, "/memories/{id}", ActsForSubject, patch(memories::update)),
-        (Method::POST, "/memories/{id}/forget", ActsForSubject, post(memories::forget)),
-        (Method::GET, "/memories/{id}/history", Visible, get(memories::history)),
-        (Method::GET, "/agents/{agent}/memories", Visible, get(memories::list)),
-        (Method::GET, "/agents/{agent}/recent", AgentOwned, get(memories::recent)),
+        (
+            Method::PATCH,
+            "/memories/{id}",
+            ActsForSubject,
+            patch(memories::update),
+        ),
+        (
+            Method::POST,
+            "/memories/{id}/forget",
+            ActsForSubject,
+            post(memories::forget),
+        ),
+        (
+            Method::GET,
+            "/memories/{id}/history",
+            Visible,
+            get(memories::history),
+        ),
+        (
+            Method::GET,
+            "/agents/{agent}/memories",
+            Visible,
+            get(memories::list),
+        ),
+        (
+            Method::GET,
+            "/agents/{agent}/recent",
+            AgentOwned,
+            get(memories::recent),
+        ),
         (Method::POST, "/shares", ActsForSubject, post(registry::share)),
-        (Method::POST, "/shares/revoke", ActsForSubject, post(registry::revoke)),
-        (Method::POST, "/tools", ActsForSubject, post(registry::register_tool)),
+        (
+            Method::POST,
+            "/shares/revoke",
+            ActsForSubject,
+            post(registry::revoke),
+        ),
+        (
+            Method::POST,
+            "/tools",
+            ActsForSubject,
+            post(registry::register_tool),
+        ),
         (Method::GET, "/tools", AnyPrincipal, get(registry::tools)),
         (Method::GET, "/commands/{id}", Visible, get(commands::status)),
-        (Method::POST, "/agents", ActsForSubject, post(tasks::register_agent)),
+        (
+            Method::POST,
+            "/agents",
+            ActsForSubject,
+            post(tasks::register_agent),
+        ),
         (Method::GET, "/agents", AnyPrincipal, get(tasks::agents)),
-        (Method::DELETE, "/agents/{agent}", ActsForSubject, delete(tasks::deregister_agent)),
-        (Method::POST, "/agents/{agent}/heartbeat", ActsForSubject, post(tasks::heartbeat)),
-        (Method::GET, "/agents/{agent}/inbox", AgentOwned, get(tasks::inbox)),
+        (
+            Method::DELETE,
+            "/agents/{agent}",
+            ActsForSubject,
+            delete(tasks::deregister_agent),
+        ),
+        (
+            Method::POST,
+            "/agents/{agent}/heartbeat",
+            ActsForSubject,
+            post(tasks::heartbeat),
+        ),
+        (
+            Method::GET,
+            "/agents/{agent}/inbox",
+            AgentOwned,
+            get(tasks::inbox),
+        ),
         (Method::POST, "/tasks", AnyWriter, post(tasks::delegate)),
         (Method::GET, "/tasks", AgentOwned, get(tasks::list_tasks)),
         (Method::GET, "/tasks/{id}", Visible, get(tasks::task)),
-        (Method::POST, "/tasks/{id}/start", ActsForSubject, post(tasks::start)),
-        (Method::POST, "/tasks/{id}/complete", ActsForSubject, post(tasks::complete)),
-        (Method::POST, "/tasks/{id}/fail", ActsForSubject, post(tasks::fail)),
-        (Method::POST, "/tasks/{id}/cancel", TaskIssuer, post(tasks::cancel)),
-        (Method::POST, "/workflow-templates", AnyWriter, post(tasks::define_template)),
-        (Method::GET, "/workflow-templates/{name}", AnyPrincipal, get(tasks::template)),
+        (
+            Method::POST,
+            "/tasks/{id}/start",
+            ActsForSubject,
+            post(tasks::start),
+        ),
+        (
+            Method::POST,
+            "/tasks/{id}/complete",
+            ActsForSubject,
+            post(tasks::complete),
+        ),
+        (
+            Method::POST,
+            "/tasks/{id}/fail",
+            ActsForSubject,
+            post(tasks::fail),
+        ),
+        (
+            Method::POST,
+            "/tasks/{id}/cancel",
+            TaskIssuer,
+            post(tasks::cancel),
+        ),
+        (
+            Method::POST,
+            "/workflow-templates",
+            AnyWriter,
+            post(tasks::define_template),
+        ),
+        (
+            Method::GET,
+            "/workflow-templates/{name}",
+            AnyPrincipal,
+            get(tasks::template),
+        ),
         (Method::POST, "/workflows", AnyWriter, post(tasks::start_workflow)),
         (Method::GET, "/workflows/{id}", Visible, get(tasks::workflow)),
-        (Method::GET, "/orchestrator/stats", AnyPrincipal, get(tasks::stats)),
+        (
+            Method::GET,
+            "/orchestrator/stats",
+            AnyPrincipal,
+            get(tasks::stats),
+        ),
     ]
 }
 
@@ -143,10 +239,17 @@ pub fn router(state: AppState) -> Router {
     let edge = Edge::new(&state.config.http);
     let v1 = v1_routes()
         .into_iter()
-        .fold(Router::new(), |router, (_, path, _, handler)| router.route(path, handler))
-        // Innermost first: parameters, body, token, time, concurrency (see crate::edge).
+        .fold(Router::new(), |router, (_, path, _, handler)| {
+            router.route(path, handler)
+        })
+        // Innermost first: parameters, body, the principal's limits, token, time,
+        // concurrency (see crate::edge, crate::limits).
         .route_layer(middleware::from_fn(edge::check_params))
         .route_layer(middleware::from_fn_with_state(edge.clone(), edge::read_body))
+        .route_layer(middleware::from_fn_with_state(
+            Limiter::new(state.config.http.limits),
+            limits::limit,
+        ))
         .route_layer(middleware::from_fn_with_state(
             state.auth.clone(),
             auth::authenticate,
@@ -416,6 +519,9 @@ impl Api {
         for reason in auth::DENIAL_REASONS {
             metrics::counter!(m::HTTP_DENIED, "reason" => *reason).increment(0);
         }
+        for (role, limit) in limits::label_values() {
+            metrics::counter!(m::HTTP_LIMITED, "role" => role, "limit" => limit).increment(0);
+        }
         for op in [
             "get_memory",
             "list_memories",
@@ -482,7 +588,11 @@ impl Api {
         tracing::info!(addr = %self.listener.local_addr()?, "api listening");
         edge::serve(self.listener, self.router, self.header_read_timeout, shutdown).await;
         if let Some(probes) = probes {
-            probes.await.ok().and_then(Result::err).inspect(|e| tracing::warn!(error = %e, "operations endpoint"));
+            probes
+                .await
+                .ok()
+                .and_then(Result::err)
+                .inspect(|e| tracing::warn!(error = %e, "operations endpoint"));
         }
         let producer = self.producer;
         tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10)))

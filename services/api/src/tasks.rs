@@ -761,7 +761,15 @@ pub async fn cancel(
         None => None,
     };
     caller.may_cancel(&headers, &id, &[task.actor.as_deref(), starter.as_deref()])?;
-    append_for_task(&state, command, request.command_id, h.tracestate.as_deref(), None, |_| Ok(())).await
+    append_for_task(
+        &state,
+        command,
+        request.command_id,
+        h.tracestate.as_deref(),
+        None,
+        |_| Ok(()),
+    )
+    .await
 }
 
 // ---- workflows ----

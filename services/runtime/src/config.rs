@@ -130,9 +130,93 @@ pub struct KafkaConfig {
     /// How long the producer may try to deliver one record before the API answers 503.
     #[serde(with = "humantime_serde")]
     pub delivery_timeout: Duration,
+    /// How clients connect to the brokers: `plaintext` (the default; no authentication,
+    /// for a broker on a trusted network), `sasl_plaintext` or `sasl_ssl` (authenticated
+    /// with `kafka.sasl`, so the broker's ACLs apply to this process's principal).
+    #[serde(default)]
+    pub security_protocol: SecurityProtocol,
+    /// The SASL credentials of this process's Kafka principal; required by the `sasl_*`
+    /// protocols and refused with `plaintext` (see `docs/security.md`).
+    #[serde(default)]
+    pub sasl: Option<SaslConfig>,
     /// Raw librdkafka properties applied to every client, for tuning (`linger.ms`, ...).
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+}
+
+impl KafkaConfig {
+    /// Refuses a protocol without the credentials it needs, and credentials that would be
+    /// ignored (a process configured with a principal it does not use is a mistake).
+    pub fn check(&self) -> Result<(), String> {
+        match (self.security_protocol, &self.sasl) {
+            (SecurityProtocol::Plaintext, Some(_)) => Err(
+                "kafka.sasl is set but kafka.security_protocol is plaintext: set it to sasl_plaintext or sasl_ssl".into(),
+            ),
+            (SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl, None) => Err(format!(
+                "kafka.security_protocol = {:?} needs kafka.sasl (mechanism, username, password)",
+                self.security_protocol.librdkafka()
+            )),
+            (_, Some(sasl)) if sasl.username.is_empty() || sasl.password.expose().is_empty() => {
+                Err("kafka.sasl.username and kafka.sasl.password must not be empty".into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// librdkafka `security.protocol` (TLS without SASL is set through `kafka.properties`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    #[default]
+    Plaintext,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    /// The value of librdkafka's `security.protocol`.
+    pub fn librdkafka(self) -> &'static str {
+        match self {
+            SecurityProtocol::Plaintext => "plaintext",
+            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            SecurityProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+}
+
+/// A Kafka principal's SASL credentials.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SaslConfig {
+    #[serde(default)]
+    pub mechanism: SaslMechanism,
+    pub username: String,
+    pub password: Secret,
+}
+
+/// SASL mechanisms librdkafka implements itself (GSSAPI and OAUTHBEARER are reachable
+/// through `kafka.properties`). PLAIN sends the password as is: only over `sasl_ssl`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SaslMechanism {
+    #[default]
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "PLAIN")]
+    Plain,
+}
+
+impl SaslMechanism {
+    /// The value of librdkafka's `sasl.mechanism`.
+    pub fn librdkafka(self) -> &'static str {
+        match self {
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::Plain => "PLAIN",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -283,6 +367,61 @@ pub struct HttpConfig {
     /// JWT. Unset (the default): only API keys. See `docs/security.md`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt: Option<JwtConfig>,
+    /// Request limits of each principal, by role (`crate::keys::Role`); `429` beyond.
+    pub limits: RoleLimits,
+}
+
+/// The [`Limits`] of each role.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleLimits {
+    pub agent: Limits,
+    pub service: Limits,
+    pub auditor: Limits,
+    pub operator: Limits,
+}
+
+impl RoleLimits {
+    pub fn of(&self, role: crate::keys::Role) -> &Limits {
+        use crate::keys::Role;
+        match role {
+            Role::Agent => &self.agent,
+            Role::Service => &self.service,
+            Role::Auditor => &self.auditor,
+            Role::Operator => &self.operator,
+        }
+    }
+
+    /// Refuses limits that would refuse everything or overflow.
+    pub fn check(&self) -> Result<(), String> {
+        for role in crate::keys::Role::ALL {
+            let l = self.of(role);
+            if !(l.requests_per_second.is_finite() && l.requests_per_second >= 0.001) {
+                return Err(format!(
+                    "http.limits.{role}.requests_per_second must be a number of at least 0.001, not {}",
+                    l.requests_per_second
+                ));
+            }
+            if l.burst == 0 || l.concurrent_requests == 0 {
+                return Err(format!(
+                    "http.limits.{role}.burst and .concurrent_requests must be at least 1"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How much one principal may ask of one API process.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Sustained requests per second.
+    pub requests_per_second: f64,
+    /// Requests admitted at one instant after being idle (the bucket's size).
+    pub burst: u32,
+    /// Requests served at once.
+    pub concurrent_requests: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -404,6 +543,8 @@ impl Default for Config {
                 brokers: "127.0.0.1:19092".into(),
                 client_id: "memos".into(),
                 delivery_timeout: Duration::from_secs(30),
+                security_protocol: SecurityProtocol::Plaintext,
+                sasl: None,
                 properties: BTreeMap::new(),
             },
             topics: TopicsConfig {
@@ -448,6 +589,30 @@ impl Default for Config {
                 readiness_timeout: Duration::from_secs(1),
                 auth: AuthMode::Keys,
                 jwt: None,
+                // An agent is one process of a model's tool calls; a service fronts many
+                // agents; exports and audits are few and heavy.
+                limits: RoleLimits {
+                    agent: Limits {
+                        requests_per_second: 100.0,
+                        burst: 200,
+                        concurrent_requests: 32,
+                    },
+                    service: Limits {
+                        requests_per_second: 2000.0,
+                        burst: 4000,
+                        concurrent_requests: 256,
+                    },
+                    auditor: Limits {
+                        requests_per_second: 50.0,
+                        burst: 100,
+                        concurrent_requests: 8,
+                    },
+                    operator: Limits {
+                        requests_per_second: 50.0,
+                        burst: 100,
+                        concurrent_requests: 8,
+                    },
+                },
             },
             projector: ProjectorConfig {
                 group_id: "memos-projector".into(),
@@ -489,7 +654,12 @@ impl Config {
         let file = std::env::var_os("MEMOS_CONFIG")
             .map(PathBuf::from)
             .or_else(|| Some(PathBuf::from("memos.toml")).filter(|p| p.exists()));
-        Self::figment(file).extract().map_err(Box::new)
+        let config: Config = Self::figment(file).extract().map_err(Box::new)?;
+        config
+            .kafka
+            .check()
+            .map_err(|e| Box::new(figment::Error::from(e)))?;
+        Ok(config)
     }
 
     /// The layered sources, exposed so tests can add their own on top.
@@ -507,6 +677,22 @@ impl Config {
             .merge(Env::raw().only(&["DATABASE_URL"]).map(|_| "postgres.url".into()))
             .merge(Env::raw().only(&["REDIS_URL"]).map(|_| "redis.url".into()))
             .merge(Env::prefixed("MEMOS__").split("__"))
+            .merge(Self::verbatim_env())
+    }
+
+    /// The credentials' variables once more, as the strings they are: the environment
+    /// provider reads `0123` as the number 123 and `true` as a boolean, which would refuse
+    /// (or, worse, change) a password of digits.
+    fn verbatim_env() -> Figment {
+        [
+            ("MEMOS__KAFKA__SASL__USERNAME", "kafka.sasl.username"),
+            ("MEMOS__KAFKA__SASL__PASSWORD", "kafka.sasl.password"),
+        ]
+        .into_iter()
+        .filter_map(|(var, key)| Some((key, std::env::var(var).ok()?)))
+        .fold(Figment::new(), |figment, (key, value)| {
+            figment.merge(Serialized::default(key, value))
+        })
     }
 }
 
@@ -581,6 +767,56 @@ mod tests {
             jail.set_env("MEMOS__HTTP__JWT__ISSUERS", "x");
             let err = Config::figment(None).extract::<Config>().unwrap_err();
             assert!(err.to_string().contains("issuers"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
+    fn sasl_comes_from_the_environment_and_must_match_the_protocol() {
+        figment::Jail::expect_with(|jail| {
+            let config: Config = Config::figment(None).extract()?;
+            assert_eq!(config.kafka.security_protocol, SecurityProtocol::Plaintext);
+            assert!(config.kafka.sasl.is_none());
+            config.kafka.check().expect("plaintext without credentials");
+
+            jail.set_env("MEMOS__KAFKA__SECURITY_PROTOCOL", "sasl_plaintext");
+            let config: Config = Config::figment(None).extract()?;
+            let err = config.kafka.check().unwrap_err();
+            assert!(err.contains("needs kafka.sasl"), "{err}");
+
+            jail.set_env("MEMOS__KAFKA__SASL__USERNAME", "memos-api");
+            // All digits: still a password, not a number.
+            jail.set_env("MEMOS__KAFKA__SASL__PASSWORD", "0123456789");
+            let config: Config = Config::figment(None).extract()?;
+            config.kafka.check().expect("complete credentials");
+            let sasl = config.kafka.sasl.as_ref().expect("sasl");
+            assert_eq!(sasl.mechanism, SaslMechanism::ScramSha512, "the default");
+            assert_eq!(sasl.username, "memos-api");
+            assert_eq!(sasl.password.expose(), "0123456789");
+            assert!(
+                !format!("{config:?}").contains("0123456789"),
+                "the password never prints"
+            );
+
+            jail.set_env("MEMOS__KAFKA__SASL__MECHANISM", "SCRAM-SHA-256");
+            let config: Config = Config::figment(None).extract()?;
+            assert_eq!(config.kafka.sasl.unwrap().mechanism, SaslMechanism::ScramSha256);
+            jail.set_env("MEMOS__KAFKA__SASL__MECHANISM", "GSSAPI");
+            assert!(
+                Config::figment(None).extract::<Config>().is_err(),
+                "an unknown mechanism"
+            );
+            jail.set_env("MEMOS__KAFKA__SASL__MECHANISM", "PLAIN");
+
+            jail.set_env("MEMOS__KAFKA__SECURITY_PROTOCOL", "plaintext");
+            let config: Config = Config::figment(None).extract()?;
+            assert!(config.kafka.check().is_err(), "credentials that would be ignored");
+            jail.set_env("MEMOS__KAFKA__SECURITY_PROTOCOL", "ssl");
+            assert!(
+                Config::figment(None).extract::<Config>().is_err(),
+                "an unknown protocol"
+            );
             Ok(())
         });
     }
