@@ -10,6 +10,7 @@ mod faults;
 mod foreign_producers;
 mod hostile_http;
 mod hot_views;
+mod jwt;
 mod keys;
 mod limits;
 mod memory_path;

@@ -3,7 +3,10 @@
 //! With `http.auth = "keys"` (the default) a request must carry `Authorization: Bearer <API
 //! key>`; the key is checked against the key ring this process follows
 //! (`memos_kafka::keys::follow`), and refused with `401` when it is missing, malformed,
-//! unknown, revoked or expired. The principal then decides, in one place each:
+//! unknown, revoked or expired. With `http.jwt` set, a bearer token that does not start with
+//! `memos_` is verified as a JWT instead ([`crate::jwt`]: `401 expired_token`, `bad_token` or
+//! `bad_role` when it is not valid); its `sub` is the principal. The principal then decides,
+//! in one place each:
 //! - the **actor and the subject of a command** ([`Caller::acting_for`], used by
 //!   `commands::header` for every command): an agent acts only for itself (or a namespace it
 //!   is granted), a service for the agents it is granted (recorded as `<agent> via
@@ -29,10 +32,11 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use memos_kafka::keys::Followed;
 use memos_postgres::queries::Reader;
-use memos_runtime::keys::{Principal, Refusal, Role};
+use memos_runtime::keys::{self, Principal, Refusal, Role};
 use memos_runtime::metrics as m;
 
 use crate::error::ApiError;
+use crate::jwt::JwtVerifier;
 
 /// Header naming the agent a read is made for (services, and `auth = "none"`).
 pub const AGENT_HEADER: &str = "x-memos-agent";
@@ -42,8 +46,11 @@ pub const ACTOR_HEADER: &str = "x-memos-actor";
 /// How requests are authenticated.
 #[derive(Clone)]
 pub enum Authenticator {
-    /// Every request needs a key of this ring.
-    Keys(Followed),
+    /// Every request needs a key of this ring or, when `http.jwt` is set, a JWT `jwt` accepts.
+    Keys {
+        ring: Followed,
+        jwt: Option<Arc<JwtVerifier>>,
+    },
     /// The headers are believed (`http.auth = "none"`).
     None,
 }
@@ -70,6 +77,9 @@ pub const DENIAL_REASONS: &[&str] = &[
     "not_own_agent",
     "no_reader",
     "not_issuer",
+    "expired_token",
+    "bad_token",
+    "bad_role",
 ];
 
 /// A refusal, counted and logged.
@@ -123,7 +133,7 @@ pub fn bearer_token(value: &str) -> Option<&str> {
 pub async fn authenticate(State(auth): State<Authenticator>, mut request: Request, next: Next) -> Response {
     let caller = match &auth {
         Authenticator::None => Caller::Unauthenticated,
-        Authenticator::Keys(followed) => {
+        Authenticator::Keys { ring: followed, jwt } => {
             let presented = request
                 .headers()
                 .get(header::AUTHORIZATION)
@@ -134,33 +144,53 @@ pub async fn authenticate(State(auth): State<Authenticator>, mut request: Reques
                     StatusCode::UNAUTHORIZED,
                     "no_credential",
                     None,
-                    "this API needs Authorization: Bearer <API key> (memosctl keys create)",
+                    if jwt.is_some() {
+                        "this API needs Authorization: Bearer <API key or JWT>"
+                    } else {
+                        "this API needs Authorization: Bearer <API key> (memosctl keys create)"
+                    },
                 )
                 .into_response();
             };
-            let now = chrono::Utc::now().timestamp_millis();
-            let verified = followed
-                .ring
-                .read()
-                .expect("key ring lock")
-                .verify(token, now)
-                .map(|(_, principal)| Arc::new(principal.clone()));
-            match verified {
-                Ok(principal) => Caller::Principal(principal),
-                // A key issued a moment ago may not have been read yet at start.
-                Err(refusal @ Refusal::Unknown) if !followed.caught_up() => {
-                    tracing::debug!(reason = refusal.as_str(), "key ring not read yet");
-                    return ApiError::unavailable("the keys log has not been read yet; retry shortly")
+            // API keys announce themselves by their prefix; any other token is a JWT.
+            if let Some(jwt) = jwt.as_deref().filter(|_| !token.starts_with(keys::PREFIX)) {
+                match jwt.verify(token) {
+                    Ok(principal) => Caller::Principal(Arc::new(principal)),
+                    Err(refusal) => {
+                        return deny(
+                            StatusCode::UNAUTHORIZED,
+                            refusal.reason(),
+                            refusal.subject(),
+                            refusal.message(),
+                        )
                         .into_response();
+                    }
                 }
-                Err(refusal) => {
-                    return deny(
-                        StatusCode::UNAUTHORIZED,
-                        refusal.as_str(),
-                        None,
-                        "the API key is not valid (unknown, revoked or expired)",
-                    )
-                    .into_response();
+            } else {
+                let now = chrono::Utc::now().timestamp_millis();
+                let verified = followed
+                    .ring
+                    .read()
+                    .expect("key ring lock")
+                    .verify(token, now)
+                    .map(|(_, principal)| Arc::new(principal.clone()));
+                match verified {
+                    Ok(principal) => Caller::Principal(principal),
+                    // A key issued a moment ago may not have been read yet at start.
+                    Err(refusal @ Refusal::Unknown) if !followed.caught_up() => {
+                        tracing::debug!(reason = refusal.as_str(), "key ring not read yet");
+                        return ApiError::unavailable("the keys log has not been read yet; retry shortly")
+                            .into_response();
+                    }
+                    Err(refusal) => {
+                        return deny(
+                            StatusCode::UNAUTHORIZED,
+                            refusal.as_str(),
+                            None,
+                            "the API key is not valid (unknown, revoked or expired)",
+                        )
+                        .into_response();
+                    }
                 }
             }
         }

@@ -5,11 +5,12 @@
 //! record's partition and offset. Every error is a JSON body `{code, message, field?}` with a
 //! 4xx or 5xx status; database and broker internals never reach the client.
 //!
-//! - [`auth`]: who is asking: API keys, the actor and the reader from the principal.
+//! - [`auth`]: who is asking: API keys or JWTs, the actor and the reader from the principal.
 //! - [`commands`]: appending commands; their status.
 //! - [`consistency`]: read-your-writes with position tokens.
 //! - [`edge`]: the bounds every request meets first: timeouts, concurrency, parameters.
 //! - [`error`]: the error body and its status codes.
+//! - [`jwt`]: JWT bearer tokens from an identity provider: verification and principal.
 //! - [`limits`]: request rate and concurrency per principal (`429`).
 //! - [`memories`]: memory commands and memory queries.
 //! - [`registry`]: shares and the tool registry.
@@ -21,6 +22,7 @@ pub mod commands;
 pub mod consistency;
 pub mod edge;
 pub mod error;
+pub mod jwt;
 pub mod limits;
 pub mod memories;
 pub mod registry;

@@ -13,6 +13,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use memos_api::auth::Authenticator;
+use memos_api::jwt::JwtVerifier;
 use memos_api::{Api, AppState};
 use memos_kafka::CommandProducer;
 use memos_kafka::admin::{all_topics, ensure_topics};
@@ -132,6 +133,7 @@ async fn run(config: Arc<Config>, role: Role) -> anyhow::Result<()> {
 
     if role != Role::Projector {
         config.http.limits.check().map_err(anyhow::Error::msg)?;
+        memos_api::jwt::export_metrics();
         let auth = match config.http.auth {
             AuthMode::Keys => {
                 let followed = memos_kafka::keys::follow(config.clone(), shutdown.child_token());
@@ -139,9 +141,28 @@ async fn run(config: Arc<Config>, role: Role) -> anyhow::Result<()> {
                 if !followed.wait_caught_up(Duration::from_secs(30)).await {
                     tracing::warn!("the keys log was not read within 30 s; unknown keys get 503 until it is");
                 }
-                Authenticator::Keys(followed)
+                let jwt = match &config.http.jwt {
+                    Some(jwt) => {
+                        let verifier = Arc::new(JwtVerifier::from_config(jwt).context("http.jwt")?);
+                        verifier.spawn_refresh(shutdown.child_token());
+                        tracing::info!(
+                            family = ?verifier.family(),
+                            algorithms = ?jwt.algorithms,
+                            issuer = %jwt.issuer,
+                            audience = %jwt.audience,
+                            "JWT bearer tokens accepted besides API keys"
+                        );
+                        Some(verifier)
+                    }
+                    None => None,
+                };
+                Authenticator::Keys { ring: followed, jwt }
             }
             AuthMode::None => {
+                anyhow::ensure!(
+                    config.http.jwt.is_none(),
+                    "http.jwt is set but http.auth = \"none\" checks no credential: set http.auth = \"keys\""
+                );
                 anyhow::ensure!(
                     config.http.bind.ip().is_loopback(),
                     "http.auth = \"none\" believes every request's headers: it is refused on {}, which is not a loopback address",

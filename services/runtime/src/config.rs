@@ -362,6 +362,11 @@ pub struct HttpConfig {
     /// `X-Memos-Agent` and `X-Memos-Actor` headers are believed; only on a loopback
     /// address, for a single-user laptop or tests).
     pub auth: AuthMode,
+    /// JWT bearer tokens from an identity provider, accepted besides API keys (with
+    /// `auth = "keys"`): a bearer token that does not start with `memos_` is verified as a
+    /// JWT. Unset (the default): only API keys. See `docs/security.md`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtConfig>,
     /// Request limits of each principal, by role (`crate::keys::Role`); `429` beyond.
     pub limits: RoleLimits,
 }
@@ -424,6 +429,88 @@ pub struct Limits {
 pub enum AuthMode {
     Keys,
     None,
+}
+
+/// A JWS algorithm a JWT may be signed with. `none` is not one: an unsigned token can never
+/// be configured, so never accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum JwtAlgorithm {
+    HS256,
+    HS384,
+    HS512,
+    RS256,
+    RS384,
+    RS512,
+    PS256,
+    PS384,
+    PS512,
+    ES256,
+    ES384,
+    EdDSA,
+}
+
+/// How JWTs are verified (`http.jwt`). Exactly one key source: `jwks_file`, `key_file` or
+/// `secret`; the process checks at start that it holds keys of the pinned `algorithms`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// The algorithms a token may be signed with, all of one family (HMAC, RSA, EC or
+    /// EdDSA), for example `["RS256"]`; a token whose header names another is refused.
+    pub algorithms: Vec<JwtAlgorithm>,
+    /// A JWKS file (`{"keys": [...]}`, public RSA, EC or Ed25519 keys); a token's `kid`
+    /// chooses its key. Re-read every `jwks_refresh`, so keys can be rotated without a
+    /// restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_file: Option<PathBuf>,
+    /// One PEM public key (`-----BEGIN PUBLIC KEY-----`), for every token; read at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// The shared secret of HS256/HS384/HS512 (at least 32 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<Secret>,
+    /// The only accepted `iss`; tokens must carry it.
+    pub issuer: String,
+    /// The `aud` tokens must carry (one of their audiences).
+    pub audience: String,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(with = "humantime_serde", default = "JwtConfig::default_leeway")]
+    pub leeway: Duration,
+    /// How often `jwks_file` is re-read. A file that cannot be read or parsed keeps the keys
+    /// read before (and is counted in `memos_jwt_jwks_reloads_total{outcome="failed"}`).
+    #[serde(with = "humantime_serde", default = "JwtConfig::default_jwks_refresh")]
+    pub jwks_refresh: Duration,
+    /// The claim holding the principal's role (`agent`, `service`, `auditor` or
+    /// `operator`): a string, or a list of which exactly one entry is such a role.
+    #[serde(default = "JwtConfig::default_roles_claim")]
+    pub roles_claim: String,
+    /// The claim listing the namespaces besides its own the principal may write.
+    #[serde(default = "JwtConfig::default_namespaces_claim")]
+    pub namespaces_claim: String,
+    /// The claim listing the agents a service may act for (`*`: every agent).
+    #[serde(default = "JwtConfig::default_agents_claim")]
+    pub agents_claim: String,
+}
+
+impl JwtConfig {
+    fn default_leeway() -> Duration {
+        Duration::from_secs(30)
+    }
+
+    fn default_jwks_refresh() -> Duration {
+        Duration::from_secs(60)
+    }
+
+    fn default_roles_claim() -> String {
+        "memos_role".into()
+    }
+
+    fn default_namespaces_claim() -> String {
+        "memos_namespaces".into()
+    }
+
+    fn default_agents_claim() -> String {
+        "memos_agents".into()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -501,6 +588,7 @@ impl Default for Config {
                 max_concurrent_requests: 1024,
                 readiness_timeout: Duration::from_secs(1),
                 auth: AuthMode::Keys,
+                jwt: None,
                 // An agent is one process of a model's tool calls; a service fronts many
                 // agents; exports and audits are few and heavy.
                 limits: RoleLimits {
@@ -642,6 +730,43 @@ mod tests {
             jail.set_env("MEMOS__HTTP__BINDD", "oops");
             let err = Config::figment(None).extract::<Config>().unwrap_err();
             assert!(err.to_string().contains("bindd"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
+    fn jwt_is_absent_by_default_and_strict_when_set() {
+        figment::Jail::expect_with(|jail| {
+            let config: Config = Config::figment(None).extract()?;
+            assert!(config.http.jwt.is_none(), "no JWT unless configured");
+
+            jail.set_env("MEMOS__HTTP__JWT__ALGORITHMS", "[RS256]");
+            jail.set_env("MEMOS__HTTP__JWT__JWKS_FILE", "/etc/memos/jwks.json");
+            jail.set_env("MEMOS__HTTP__JWT__ISSUER", "https://idp.example");
+            jail.set_env("MEMOS__HTTP__JWT__AUDIENCE", "memos");
+            let config: Config = Config::figment(None).extract()?;
+            let jwt = config.http.jwt.expect("configured from the environment");
+            assert_eq!(jwt.algorithms, vec![JwtAlgorithm::RS256]);
+            assert_eq!(jwt.leeway, Duration::from_secs(30));
+            assert_eq!(jwt.roles_claim, "memos_role");
+            assert!(jwt.secret.is_none() && jwt.key_file.is_none());
+
+            jail.set_env("MEMOS__HTTP__JWT__ALGORITHMS", "[none]");
+            let err = Config::figment(None).extract::<Config>().unwrap_err();
+            assert!(err.to_string().contains("none"), "{err}");
+
+            jail.set_env("MEMOS__HTTP__JWT__ALGORITHMS", "[HS256]");
+            jail.set_env("MEMOS__HTTP__JWT__SECRET", "a-shared-secret-of-at-least-32-bytes");
+            let config: Config = Config::figment(None).extract()?;
+            assert!(
+                !format!("{config:?}").contains("a-shared-secret"),
+                "secrets never print"
+            );
+
+            jail.set_env("MEMOS__HTTP__JWT__ISSUERS", "x");
+            let err = Config::figment(None).extract::<Config>().unwrap_err();
+            assert!(err.to_string().contains("issuers"), "{err}");
             Ok(())
         });
     }

@@ -26,7 +26,8 @@ use sha2::{Digest, Sha256};
 
 use crate::config::Secret;
 
-const PREFIX: &str = "memos_";
+/// How every API key begins (and a JWT never does: its header is base64url JSON, `eyJ...`).
+pub const PREFIX: &str = "memos_";
 const KEY_ID_HEX: usize = 16;
 const SECRET_BYTES: usize = 32;
 

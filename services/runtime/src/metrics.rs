@@ -68,6 +68,7 @@ pub const HTTP_SECONDS: &str = "memos_http_request_duration_seconds";
 pub const HTTP_IN_FLIGHT: &str = "memos_http_requests_in_flight";
 pub const HTTP_DENIED: &str = "memos_http_denied_total";
 pub const HTTP_LIMITED: &str = "memos_http_limited_total";
+pub const JWT_JWKS_RELOADS: &str = "memos_jwt_jwks_reloads_total";
 pub const BUILD_INFO: &str = "memos_build_info";
 pub const ORCHESTRATOR_COMMANDS: &str = "memos_orchestrator_commands_total";
 pub const ORCHESTRATOR_EVENTS: &str = "memos_orchestrator_events_total";
@@ -275,6 +276,12 @@ pub const CATALOGUE: &[MetricDef] = &[
         kind: Counter,
         labels: &["role", "limit"],
         help: "Requests answered 429 for their principal's limits (http.limits), by role and limit (rate, concurrency).",
+    },
+    MetricDef {
+        name: JWT_JWKS_RELOADS,
+        kind: Counter,
+        labels: &["outcome"],
+        help: "Reads of the JWKS file (http.jwt.jwks_file): loaded, or failed (the keys read before stay in force).",
     },
     MetricDef {
         name: BUILD_INFO,
