@@ -22,5 +22,6 @@ mod replay;
 mod replay_tasks;
 mod routes;
 mod sasl;
+mod search_plans;
 mod stall;
 mod task_views;
