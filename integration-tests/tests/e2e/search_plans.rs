@@ -1,7 +1,7 @@
 //! Plans of every memory query, on the real PostgreSQL of the stack, in a database of its own:
 //! a `memories` table large enough for the planner to prefer indexes (30,000 memories in
 //! 1,000 namespaces, with embeddings, history rows, forgotten memories and shares, built by
-//! one `INSERT ... SELECT generate_series` each and analyzed), then `EXPLAIN (FORMAT JSON)`
+//! one `INSERT ... SELECT generate_series` each and analyzed: `search_fixture`), then `EXPLAIN (FORMAT JSON)`
 //! of every statement exactly as `memos_postgres::queries` builds and binds it (get, may-read,
 //! list with each filter, list and get as of an instant, text, vector and hybrid search), as
 //! a custom plan (the first executions of a prepared statement) and as a generic plan (what
@@ -13,7 +13,7 @@
 //! the one the column was built with.
 
 use chrono::{DateTime, TimeZone, Utc};
-use memos_integration_tests::TestEnv;
+use memos_integration_tests::{TestEnv, search_fixture};
 use memos_postgres::pool;
 use memos_postgres::queries::{self, Cursor, ListFilter, Reader, SearchMode, SearchSettings, Statement};
 use serde_json::{Value, json};
@@ -23,49 +23,6 @@ use uuid::Uuid;
 const DIMENSIONS: usize = 16;
 const MEMORIES: i64 = 30_000;
 const NAMESPACES: i64 = 1_000;
-
-/// One statement each: memories (every 10th forgotten), their applied history, memory-level
-/// shares (each agent shares one memory with the next one) and whole-namespace shares (every
-/// 10th agent shares its namespace with the agent before it).
-fn fixture() -> [String; 4] {
-    [
-        format!(
-            "INSERT INTO memories (memory_id, namespace, content, tier, tags, metadata, importance, embedding,
-                                   version, actor, created_by, created_at, updated_at, forgotten_at,
-                                   log_partition, log_offset)
-             SELECT md5('m' || i)::uuid, 'plan-agent-' || (i % {NAMESPACES}),
-                    'memory ' || i || ' notes the user preference for topic ' || (i % 97),
-                    CASE WHEN i % 3 = 0 THEN 'episodic' ELSE 'semantic' END,
-                    ARRAY['t' || (i % 20), 'g' || (i % 7)], jsonb_build_object('k', i % 10), 0.5,
-                    array(SELECT sin(i * 0.37 + j * 1.3) FROM generate_series(1, {DIMENSIONS}) j)::vector,
-                    1, 'plan-agent-' || (i % {NAMESPACES}), md5('c' || i)::uuid,
-                    timestamptz '2026-01-01' + i * interval '1 minute',
-                    timestamptz '2026-01-01' + i * interval '1 minute',
-                    CASE WHEN i % 10 = 0 THEN timestamptz '2026-06-01' END, 0, i
-             FROM generate_series(1, {MEMORIES}) i"
-        ),
-        "INSERT INTO memory_history (memory_id, command_id, version, operation, actor, status, change, state,
-                                     log_partition, log_offset, record_time, valid_from, valid_to)
-         SELECT memory_id, created_by, 1, 'write', actor, 'applied', '{}',
-                to_jsonb(m) - 'content_tsv' - 'embedding' - 'forgotten_at', 0, log_offset, created_at, created_at,
-                forgotten_at
-         FROM memories m"
-            .to_owned(),
-        format!(
-            "INSERT INTO memory_shares (namespace, memory_id, grantee, granted_by, command_id, granted_at)
-             SELECT 'plan-agent-' || ((a + 1) % {NAMESPACES}), md5('m' || (((a + 1) % {NAMESPACES}) + {NAMESPACES}))::uuid,
-                    'plan-agent-' || a, 'plan-agent-' || ((a + 1) % {NAMESPACES}), md5('s' || a)::uuid,
-                    timestamptz '2026-01-02'
-             FROM generate_series(0, {NAMESPACES} - 1) a"
-        ),
-        format!(
-            "INSERT INTO memory_shares (namespace, memory_id, grantee, granted_by, command_id, granted_at)
-             SELECT 'plan-agent-' || ((a + 1) % {NAMESPACES}), NULL, 'plan-agent-' || a,
-                    'plan-agent-' || ((a + 1) % {NAMESPACES}), md5('w' || a)::uuid, timestamptz '2026-01-02'
-             FROM generate_series(0, {NAMESPACES} - 1, 10) a"
-        ),
-    ]
-}
 
 /// A plan node that reads a relation: node type, relation, index.
 #[derive(Debug)]
@@ -140,13 +97,7 @@ fn at(day: u32) -> DateTime<Utc> {
 async fn every_query_shape_uses_an_index() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
     let pool = env.pool.clone();
-    memos_postgres::migrate(&pool).await?;
-    pool::ensure_text_search(&pool, "english").await?;
-    pool::ensure_vector_index(&pool, DIMENSIONS).await?;
-    for statement in fixture() {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(statement)).execute(&pool).await?;
-    }
-    sqlx::raw_sql("ANALYZE").execute(&pool).await?;
+    search_fixture::build(&pool, "plan-agent-", MEMORIES, NAMESPACES, DIMENSIONS, "english").await?;
 
     let agent = Reader::agent("plan-agent-7");
     let team = Reader::with_namespaces("plan-agent-9", ["plan-agent-500".to_owned()]);
