@@ -414,6 +414,14 @@ pub fn search_statement(
     // The dimension is a number from configuration, so formatting it keeps the SQL safe; it
     // must appear literally for the planner to match the embedding index's expression.
     let dimensions = settings.dimensions;
+    // The configuration is written as a literal, not bound: `websearch_to_tsquery` of a
+    // constant configuration is immutable, so PostgreSQL folds the query into a constant and
+    // estimates how many memories match it from the column's statistics (a common word
+    // matches nearly all of them, and reading them from the full-text index would cost more
+    // than the reader's namespace does). With a bound `$n::regconfig` (a stable cast) the
+    // estimate is a blind guess. Quoted as a string literal (quotes doubled), so whatever the
+    // setting holds stays a literal; the startup check only lets a known name through.
+    let config = format!("'{}'", settings.text_search_config.replace('\'', "''"));
     let visible = format!(
         "m.forgotten_at IS NULL AND (m.expires_at IS NULL OR m.expires_at > $2) AND {}",
         visible_to_1!()
@@ -422,15 +430,14 @@ pub fn search_statement(
     let statement = match mode {
         SearchMode::Text(query) => Statement::new(format!(
             "SELECT {columns}, ts_rank_cd(m.content_tsv, q)::float8 AS score
-             FROM memories m, websearch_to_tsquery($5::regconfig, $3) q
+             FROM memories m, websearch_to_tsquery({config}, $3) q
              WHERE m.content_tsv @@ q AND {visible}
              ORDER BY score DESC, m.memory_id LIMIT $4"
         ))
         .bind(scope(Some(reader)))
         .bind(now)
         .bind(query)
-        .bind(limit)
-        .bind(&settings.text_search_config),
+        .bind(limit),
         SearchMode::Vector(embedding) => Statement::new(format!(
             "SELECT {columns}, (1 - (m.embedding::vector({dimensions}) <=> $3::vector({dimensions})))::float8 AS score
              FROM memories m
@@ -451,7 +458,7 @@ pub fn search_statement(
                       coalesce(ts_rank_cd(m.content_tsv, q, 32), 0)::float8 AS text_score,
                       CASE WHEN m.embedding IS NULL THEN 0
                            ELSE 1 - (m.embedding::vector({dimensions}) <=> $3::vector({dimensions})) END::float8 AS vector_score
-               FROM memories m, websearch_to_tsquery($7::regconfig, $4) q
+               FROM memories m, websearch_to_tsquery({config}, $4) q
                WHERE (m.content_tsv @@ q OR m.embedding IS NOT NULL) AND {visible}
              )
              SELECT {columns}, ($5 * s.vector_score + (1 - $5) * s.text_score)::float8 AS score
@@ -463,8 +470,7 @@ pub fn search_statement(
         .bind(vector_literal(embedding))
         .bind(query)
         .bind(weight)
-        .bind(limit)
-        .bind(&settings.text_search_config),
+        .bind(limit),
     };
     statement
 }

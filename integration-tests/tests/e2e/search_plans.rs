@@ -228,6 +228,22 @@ async fn every_query_shape_uses_an_index() -> anyhow::Result<()> {
                 ));
             }
         }
+        if !generic {
+            // "preference" is in every memory: reading it from the full-text index means
+            // reading an entry per memory of the table, which is what a search must not
+            // grow with. A custom plan knows the word (the configuration is a literal, so
+            // the query is a constant) and takes the reader's namespaces instead.
+            for (who, reader) in [("agent", &agent), ("team", &team)] {
+                let mode = SearchMode::Text("preference".into());
+                let plan = explain(&pool, false, queries::search_statement(reader, &mode, &settings, now, 10)).await?;
+                if plan.indexes().contains(&"memories_fulltext") {
+                    failures.push(format!(
+                        "search text for a word of every memory as {who}: reads memories_fulltext\n{}",
+                        plan.text
+                    ));
+                }
+            }
+        }
         for (what, statement, index, no_seq) in shapes {
             let what = format!("{what} ({} plan)", if generic { "generic" } else { "custom" });
             let plan = explain(&pool, generic, statement).await?;
