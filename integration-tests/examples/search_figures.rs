@@ -79,12 +79,21 @@ async fn raw(pool: &PgPool, sql: &str, agent: &str, arg: &str, resolve: bool) ->
 fn summary(times: &mut [Duration]) -> String {
     times.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    format!("{:.2} | {:.2}", ms(times[times.len() / 2]), ms(times[times.len() - 1]))
+    format!(
+        "{:.2} | {:.2}",
+        ms(times[times.len() / 2]),
+        ms(times[times.len() - 1])
+    )
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let size = |var: &str, default: i64| std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    let size = |var: &str, default: i64| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
     let memories = size("SEARCH_FIGURES_MEMORIES", 100_000);
     let namespaces = size("SEARCH_FIGURES_NAMESPACES", 1_000);
     let env = TestEnv::new().await?;
@@ -94,35 +103,50 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("built {memories} memories in {:?}", started.elapsed());
 
     let i = 12_345.0_f32;
-    let embedding: Vec<f32> = (1..=DIMENSIONS).map(|j| (i * 0.37 + j as f32 * 1.3).sin()).collect();
+    let embedding: Vec<f32> = (1..=DIMENSIONS)
+        .map(|j| (i * 0.37 + j as f32 * 1.3).sin())
+        .collect();
     let literal = vector_literal(&embedding);
     let settings = SearchSettings {
         dimensions: DIMENSIONS,
         text_search_config: "english".into(),
     };
-    println!("{memories} memories, {namespaces} namespaces, {DIMENSIONS} dimensions; median | slowest of 20, ms\n");
+    println!(
+        "{memories} memories, {namespaces} namespaces, {DIMENSIONS} dimensions; median | slowest of 20, ms\n"
+    );
     println!("| agent | search | statement | median ms | slowest ms |");
     println!("| --- | --- | --- | --- | --- |");
     // An agent with a memory-level share, and one that also has a whole namespace shared.
     for agent in [format!("{PREFIX}7"), format!("{PREFIX}10")] {
         for mode in ["text", "vector"] {
-            let arg = if mode == "text" { "preference" } else { literal.as_str() };
+            let arg = if mode == "text" {
+                "preference"
+            } else {
+                literal.as_str()
+            };
             let search_mode = match mode {
                 "text" => SearchMode::Text(arg.into()),
                 _ => SearchMode::Vector(embedding.clone()),
             };
             let reader = Reader::agent(agent.clone());
-            for variant in ["queries.rs (one statement)", "resolved first (two round trips)", "before (main)"] {
+            for variant in [
+                "queries.rs (one statement)",
+                "resolved first (two round trips)",
+                "before (main)",
+            ] {
                 let mut times = Vec::new();
                 for run in 0..23 {
                     let t = Instant::now();
                     let rows = match variant {
                         "queries.rs (one statement)" => {
                             let found: Vec<Scored> =
-                                queries::search(&pool, &reader, &search_mode, &settings, Utc::now(), 10).await?;
+                                queries::search(&pool, &reader, &search_mode, &settings, Utc::now(), 10)
+                                    .await?;
                             found.len()
                         }
-                        "resolved first (two round trips)" => raw(&pool, &sql(mode, BOUND), &agent, arg, true).await?,
+                        "resolved first (two round trips)" => {
+                            raw(&pool, &sql(mode, BOUND), &agent, arg, true).await?
+                        }
                         _ => raw(&pool, &sql(mode, BEFORE), &agent, arg, false).await?,
                     };
                     anyhow::ensure!(rows == 10, "{variant} {mode} found {rows} rows");
@@ -130,7 +154,7 @@ async fn main() -> anyhow::Result<()> {
                         times.push(t.elapsed());
                     }
                 }
-                println!("| {agent} | {mode} | {variant} | {} |", summary(&mut times).replace(" | ", " | "));
+                println!("| {agent} | {mode} | {variant} | {} |", summary(&mut times));
             }
         }
     }

@@ -60,7 +60,9 @@ pub async fn build(
     memos_postgres::migrate(pool).await?;
     memos_postgres::pool::ensure_text_search(pool, text_search_config).await?;
     for statement in statements(prefix, memories, namespaces, dimensions) {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(statement)).execute(pool).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+            .execute(pool)
+            .await?;
     }
     // After the load: one index build instead of 100,000 insertions into the graph.
     memos_postgres::pool::ensure_vector_index(pool, dimensions).await?;

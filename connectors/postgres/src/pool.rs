@@ -171,7 +171,9 @@ pub enum TextSearchError {
          (a plain lowercase identifier such as english or simple)"
     )]
     Name(String),
-    #[error("memory.text_search_config = {0:?}: PostgreSQL has no such text search configuration (psql: \\dF)")]
+    #[error(
+        "memory.text_search_config = {0:?}: PostgreSQL has no such text search configuration (psql: \\dF)"
+    )]
     Unknown(String),
     #[error(
         "memory.text_search_config is {configured:?} but memories.content_tsv was built with {built}; \

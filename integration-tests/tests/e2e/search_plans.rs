@@ -103,7 +103,9 @@ async fn every_query_shape_uses_an_index() -> anyhow::Result<()> {
     let team = Reader::with_namespaces("plan-agent-9", ["plan-agent-500".to_owned()]);
     let now = Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap();
     let (id,): (Uuid,) = sqlx::query_as("SELECT md5('m77')::uuid").fetch_one(&pool).await?;
-    let embedding: Vec<f32> = (1..=DIMENSIONS).map(|j| (0.37 * 77.0 + j as f32 * 1.3).sin()).collect();
+    let embedding: Vec<f32> = (1..=DIMENSIONS)
+        .map(|j| (0.37 * 77.0 + j as f32 * 1.3).sin())
+        .collect();
     let settings = SearchSettings {
         dimensions: DIMENSIONS,
         text_search_config: "english".into(),
@@ -165,7 +167,12 @@ async fn every_query_shape_uses_an_index() -> anyhow::Result<()> {
     for generic in [false, true] {
         // (what, statement, an index the plan must read, relations it must not scan)
         let mut shapes: Vec<(String, Statement, &str, &[&str])> = vec![
-            ("get".into(), queries::memory_statement(Some(&agent), id), "memories_pkey", &["memories"]),
+            (
+                "get".into(),
+                queries::memory_statement(Some(&agent), id),
+                "memories_pkey",
+                &["memories"],
+            ),
             (
                 "get unrestricted".into(),
                 queries::memory_statement(None, id),
@@ -186,7 +193,11 @@ async fn every_query_shape_uses_an_index() -> anyhow::Result<()> {
             ),
         ];
         for (name, filter) in &filters {
-            for (who, reader) in [("agent", Some(&agent)), ("team", Some(&team)), ("unrestricted", None)] {
+            for (who, reader) in [
+                ("agent", Some(&agent)),
+                ("team", Some(&team)),
+                ("unrestricted", None),
+            ] {
                 shapes.push((
                     format!("list {who} filter {name}"),
                     queries::list_statement(reader, "plan-agent-7", filter, now, None, 20, None),
@@ -203,7 +214,15 @@ async fn every_query_shape_uses_an_index() -> anyhow::Result<()> {
         }
         shapes.push((
             "list after a cursor".into(),
-            queries::list_statement(Some(&agent), "plan-agent-7", &ListFilter::default(), now, Some(cursor), 20, None),
+            queries::list_statement(
+                Some(&agent),
+                "plan-agent-7",
+                &ListFilter::default(),
+                now,
+                Some(cursor),
+                20,
+                None,
+            ),
             "memories_by_namespace",
             &["memories"],
         ));
@@ -235,7 +254,12 @@ async fn every_query_shape_uses_an_index() -> anyhow::Result<()> {
             // the query is a constant) and takes the reader's namespaces instead.
             for (who, reader) in [("agent", &agent), ("team", &team)] {
                 let mode = SearchMode::Text("preference".into());
-                let plan = explain(&pool, false, queries::search_statement(reader, &mode, &settings, now, 10)).await?;
+                let plan = explain(
+                    &pool,
+                    false,
+                    queries::search_statement(reader, &mode, &settings, now, 10),
+                )
+                .await?;
                 if plan.indexes().contains(&"memories_fulltext") {
                     failures.push(format!(
                         "search text for a word of every memory as {who}: reads memories_fulltext\n{}",
@@ -249,7 +273,10 @@ async fn every_query_shape_uses_an_index() -> anyhow::Result<()> {
             let plan = explain(&pool, generic, statement).await?;
             let indexes = plan.indexes();
             if !indexes.contains(&index) {
-                failures.push(format!("{what}: does not search {index} (searches {indexes:?})\n{}", plan.text));
+                failures.push(format!(
+                    "{what}: does not search {index} (searches {indexes:?})\n{}",
+                    plan.text
+                ));
             }
             for relation in no_seq {
                 if plan.sequential(relation) {
@@ -310,19 +337,31 @@ async fn english_stems_and_simple_does_not() -> anyhow::Result<()> {
 
     // A non-empty table built with `english` refuses `simple`, until it is rebuilt.
     let refused = pool::ensure_text_search(&stemmed.pool, "simple").await;
-    let refusal = refused.as_ref().err().map(ToString::to_string).unwrap_or_default();
+    let refusal = refused
+        .as_ref()
+        .err()
+        .map(ToString::to_string)
+        .unwrap_or_default();
     assert!(
-        matches!(refused, Err(pool::TextSearchError::Mismatch { .. })) && refusal.contains("memosctl text-search apply"),
+        matches!(refused, Err(pool::TextSearchError::Mismatch { .. }))
+            && refusal.contains("memosctl text-search apply"),
         "a mismatch is refused with the way out: {refusal:?}"
     );
-    assert!(pool::apply_text_search(&stemmed.pool, "simple").await?, "the column is rebuilt");
+    assert!(
+        pool::apply_text_search(&stemmed.pool, "simple").await?,
+        "the column is rebuilt"
+    );
     pool::ensure_text_search(&stemmed.pool, "simple").await?;
     let simple = found(&stemmed.pool, "stem-agent", "preferences", "simple").await?;
     let simple_exact = found(&stemmed.pool, "stem-agent", "preference", "simple").await?;
     let unknown = pool::ensure_text_search(&stemmed.pool, "klingon").await;
     stemmed.cleanup().await;
 
-    assert_eq!(english, vec!["The user's preference is tea"], "english stems plurals");
+    assert_eq!(
+        english,
+        vec!["The user's preference is tea"],
+        "english stems plurals"
+    );
     assert!(simple.is_empty(), "simple matches words as written: {simple:?}");
     assert_eq!(simple_exact.len(), 1, "simple finds the word as written");
     assert!(

@@ -21,7 +21,9 @@ pub async fn run(config: &Config, command: TextSearchCommand) -> anyhow::Result<
             let pool = memos_postgres::connect(&config.postgres)
                 .await
                 .context("E_POSTGRES: cannot connect to PostgreSQL")?;
-            memos_postgres::migrate(&pool).await.context("E_MIGRATE: migration failed")?;
+            memos_postgres::migrate(&pool)
+                .await
+                .context("E_MIGRATE: migration failed")?;
             let wanted = &config.memory.text_search_config;
             let changed = memos_postgres::pool::apply_text_search(&pool, wanted).await?;
             if changed {
