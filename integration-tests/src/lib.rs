@@ -7,13 +7,15 @@
 //!
 //! [`faults`] holds the ledger and checker of the fault-injection suite (`scripts/faults`);
 //! [`proxy`] a TCP proxy that forwards, hangs, refuses or delays, to fail one process's
-//! dependency without touching the shared stack.
+//! dependency without touching the shared stack. [`search_fixture`] builds a large `memories`
+//! table for plan tests and search measurements.
 
 pub mod api;
 pub mod faults;
 pub mod metrics_text;
 pub mod process;
 pub mod proxy;
+pub mod search_fixture;
 pub mod stack;
 pub mod tasks;
 

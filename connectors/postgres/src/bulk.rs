@@ -45,6 +45,8 @@ pub enum BulkError {
     Postgres(#[from] sqlx::Error),
     #[error("E_MIGRATE: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("E_TEXT_SEARCH: {0}")]
+    TextSearch(#[from] crate::pool::TextSearchError),
 }
 
 /// Checks that `name` is a plain identifier, so it can be written into SQL unquoted.
@@ -75,10 +77,18 @@ pub async fn schema_exists(pool: &PgPool, schema: &str) -> Result<bool, sqlx::Er
     Ok(exists)
 }
 
-/// Creates `schema` (dropping it first when `replace`) and applies every migration inside it.
-/// The migrations run on a connection of their own whose `search_path` is `schema, public`
-/// (`public` holds the `vector` extension); the connection is closed afterwards.
-pub async fn create_schema(pool: &PgPool, url: &str, schema: &str, replace: bool) -> Result<(), BulkError> {
+/// Creates `schema` (dropping it first when `replace`) and applies every migration inside it,
+/// its full-text column generated with `text_search_config`
+/// ([`crate::pool::ensure_text_search_on`]). The migrations run on a connection of their own
+/// whose `search_path` is `schema, public` (`public` holds the `vector` extension); the
+/// connection is closed afterwards.
+pub async fn create_schema(
+    pool: &PgPool,
+    url: &str,
+    schema: &str,
+    replace: bool,
+    text_search_config: &str,
+) -> Result<(), BulkError> {
     check_schema_name(schema)?;
     // The live schema first: it then names itself in memos_control.active_view, so that the
     // migrations run inside the new schema below cannot make that one active.
@@ -111,6 +121,7 @@ pub async fn create_schema(pool: &PgPool, url: &str, schema: &str, replace: bool
     .execute(&mut conn)
     .await?;
     MIGRATOR.run(&mut conn).await?;
+    crate::pool::ensure_text_search_on(&mut conn, text_search_config).await?;
     conn.close().await?;
     Ok(())
 }

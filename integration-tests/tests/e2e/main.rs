@@ -23,5 +23,6 @@ mod replay;
 mod replay_tasks;
 mod routes;
 mod sasl;
+mod search_plans;
 mod stall;
 mod task_views;

@@ -23,7 +23,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use memos_postgres::memories::{HistoryRow, Memory};
-use memos_postgres::queries::{self, Cursor, ListFilter, Reader, Scored, SearchMode};
+use memos_postgres::queries::{self, Cursor, ListFilter, Reader, Scored, SearchMode, SearchSettings};
 use memos_runtime::metrics::{self as m, observe};
 use memos_schemas::memory::MAX_METADATA_BYTES;
 use memos_schemas::validate::{self, JsonKind, SearchQuery};
@@ -623,8 +623,11 @@ pub async fn search(
         }
     };
     consistency::wait_for(&state, &headers).await?;
-    let dimensions = state.config.memory.embedding_dimensions;
-    let search = queries::search(&state.pool, &reader, &mode, dimensions, Utc::now(), limit);
+    let settings = SearchSettings {
+        dimensions: state.config.memory.embedding_dimensions,
+        text_search_config: state.config.memory.text_search_config.clone(),
+    };
+    let search = queries::search(&state.pool, &reader, &mode, &settings, Utc::now(), limit);
     let items = observe(m::POSTGRES_SECONDS, m::POSTGRES_ERRORS, "search", search)
         .await
         .map_err(|e| ApiError::internal("search failed", e))?;

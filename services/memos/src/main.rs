@@ -69,7 +69,10 @@ async fn main() -> anyhow::Result<()> {
             let pool = memos_postgres::connect(&config.postgres)
                 .await
                 .context("cannot connect to PostgreSQL")?;
-            memos_postgres::migrate(&pool).await.context("migration failed")
+            memos_postgres::migrate(&pool).await.context("migration failed")?;
+            memos_postgres::pool::ensure_text_search(&pool, &config.memory.text_search_config)
+                .await
+                .context("full-text column")
         }
     }
 }
@@ -106,6 +109,9 @@ async fn run(config: Arc<Config>, role: Role) -> anyhow::Result<()> {
         .await
         .context("cannot connect to PostgreSQL")?;
     memos_postgres::migrate(&pool).await.context("migration failed")?;
+    memos_postgres::pool::ensure_text_search(&pool, &config.memory.text_search_config)
+        .await
+        .context("full-text column")?;
     memos_postgres::pool::ensure_vector_index(&pool, config.memory.embedding_dimensions)
         .await
         .context("cannot create the embedding index")?;

@@ -12,6 +12,7 @@ mod logread;
 mod promote;
 mod replay;
 mod replay_tasks;
+mod text_search;
 mod topics;
 mod verify;
 
@@ -81,6 +82,11 @@ enum Command {
         #[command(subcommand)]
         command: topics::TopicsCommand,
     },
+    /// Full-text search: rebuild `memories.content_tsv` with `memory.text_search_config`.
+    TextSearch {
+        #[command(subcommand)]
+        command: text_search::TextSearchCommand,
+    },
 }
 
 #[tokio::main]
@@ -102,5 +108,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Keys { command } => keys::run(&config, command).await,
         Command::Cache { command } => cache::run(&config, command).await,
         Command::Promote(args) => promote::run(&config, args).await,
+        Command::TextSearch { command } => text_search::run(&config, command).await,
     }
 }

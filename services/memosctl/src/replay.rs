@@ -412,7 +412,7 @@ pub async fn rebuild(
     let pool = memos_postgres::connect(&config.postgres)
         .await
         .context("E_POSTGRES: cannot connect to PostgreSQL")?;
-    bulk::create_schema(&pool, &url, schema, replace).await?;
+    bulk::create_schema(&pool, &url, schema, replace, &config.memory.text_search_config).await?;
     let mut admin = PgConnection::connect(&url)
         .await
         .context("E_POSTGRES: cannot connect")?;

@@ -46,7 +46,14 @@ pub async fn run(config: &Config, args: &ReplayArgs, until: Until) -> anyhow::Re
     let pool = memos_postgres::connect(&config.postgres)
         .await
         .context("E_POSTGRES: cannot connect to PostgreSQL")?;
-    bulk::create_schema(&pool, &url, &args.into, args.replace).await?;
+    bulk::create_schema(
+        &pool,
+        &url,
+        &args.into,
+        args.replace,
+        &config.memory.text_search_config,
+    )
+    .await?;
     let path = format!("SET search_path TO {}, public", args.into);
     let target = PgPoolOptions::new()
         .max_connections(2)

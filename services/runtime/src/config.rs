@@ -97,6 +97,11 @@ pub struct MemoryConfig {
     /// command is appended anyway and the projector decides: writes need only Kafka.
     #[serde(with = "humantime_serde")]
     pub conflict_check_timeout: Duration,
+    /// PostgreSQL text search configuration of full-text search (`english` stems, so
+    /// "preferences" finds "preference"; `simple` matches words as written). The generated
+    /// column `memories.content_tsv` is built with it: a process refuses to start when the
+    /// column was built with another one (`memosctl text-search apply` rebuilds it).
+    pub text_search_config: String,
 }
 
 /// Wire format of OTLP trace export.
@@ -637,6 +642,7 @@ impl Default for Config {
                 embedding_dimensions: 384,
                 read_your_writes_timeout: Duration::from_secs(5),
                 conflict_check_timeout: Duration::from_millis(300),
+                text_search_config: "english".into(),
             },
             telemetry: TelemetryConfig {
                 otlp_endpoint: None,

@@ -1,0 +1,372 @@
+//! Plans of every memory query, on the real PostgreSQL of the stack, in a database of its own:
+//! a `memories` table large enough for the planner to prefer indexes (30,000 memories in
+//! 1,000 namespaces, with embeddings, history rows, forgotten memories and shares, built by
+//! one `INSERT ... SELECT generate_series` each and analyzed: `search_fixture`), then `EXPLAIN (FORMAT JSON)`
+//! of every statement exactly as `memos_postgres::queries` builds and binds it (get, may-read,
+//! list with each filter, list and get as of an instant, text, vector and hybrid search), as
+//! a custom plan (the first executions of a prepared statement) and as a generic plan (what
+//! PostgreSQL may switch to later). Each plan must search the intended index by a condition (not walk it whole) and must not scan
+//! `memories` sequentially. A test of plans, not of time: no clock is involved.
+//!
+//! Also full-text stemming: with `english`, "preferences" finds a memory saying
+//! "preference"; with `simple` it does not, and a process refuses a configuration other than
+//! the one the column was built with.
+
+use chrono::{DateTime, TimeZone, Utc};
+use memos_integration_tests::{TestEnv, search_fixture};
+use memos_postgres::pool;
+use memos_postgres::queries::{self, Cursor, ListFilter, Reader, SearchMode, SearchSettings, Statement};
+use serde_json::{Value, json};
+use sqlx::{Executor, PgPool};
+use uuid::Uuid;
+
+const DIMENSIONS: usize = 16;
+const MEMORIES: i64 = 30_000;
+const NAMESPACES: i64 = 1_000;
+
+/// A plan node that reads a relation: node type, relation, index.
+#[derive(Debug)]
+struct Scan {
+    node: String,
+    relation: Option<String>,
+    index: Option<String>,
+    /// Whether the index is searched by a condition (not walked whole, in its order).
+    condition: bool,
+}
+
+fn scans(plan: &Value, out: &mut Vec<Scan>) {
+    let text = |key: &str| plan.get(key).and_then(Value::as_str).map(str::to_owned);
+    out.push(Scan {
+        node: text("Node Type").unwrap_or_default(),
+        relation: text("Relation Name"),
+        index: text("Index Name"),
+        condition: plan.get("Index Cond").is_some(),
+    });
+    for child in plan.get("Plans").and_then(Value::as_array).into_iter().flatten() {
+        scans(child, out);
+    }
+}
+
+/// Which indexes of `memories` and `memory_history` a plan would read.
+struct Plan {
+    scans: Vec<Scan>,
+    text: String,
+}
+
+impl Plan {
+    /// The indexes the plan searches by a condition.
+    fn indexes(&self) -> Vec<&str> {
+        self.scans
+            .iter()
+            .filter(|s| s.condition)
+            .filter_map(|s| s.index.as_deref())
+            .collect()
+    }
+
+    fn sequential(&self, relation: &str) -> bool {
+        self.scans
+            .iter()
+            .any(|s| s.node == "Seq Scan" && s.relation.as_deref() == Some(relation))
+    }
+}
+
+async fn explain(pool: &PgPool, generic: bool, statement: Statement) -> anyhow::Result<Plan> {
+    // One connection, so that the plan cache mode applies to the statement explained.
+    let mut conn = pool.acquire().await?;
+    let mode = if generic { "force_generic_plan" } else { "auto" };
+    conn.execute(sqlx::AssertSqlSafe(format!("SET plan_cache_mode = {mode}")))
+        .await?;
+    let (json,): (Value,) = statement
+        .prefixed("EXPLAIN (FORMAT JSON) ")
+        .fetch_one(&mut *conn)
+        .await?;
+    conn.execute("RESET plan_cache_mode").await?;
+    let mut found = Vec::new();
+    scans(&json[0]["Plan"], &mut found);
+    Ok(Plan {
+        scans: found,
+        text: serde_json::to_string_pretty(&json)?,
+    })
+}
+
+fn at(day: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 1, day, 0, 0, 0).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_query_shape_uses_an_index() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let pool = env.pool.clone();
+    search_fixture::build(&pool, "plan-agent-", MEMORIES, NAMESPACES, DIMENSIONS, "english").await?;
+
+    let agent = Reader::agent("plan-agent-7");
+    let team = Reader::with_namespaces("plan-agent-9", ["plan-agent-500".to_owned()]);
+    let now = Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap();
+    let (id,): (Uuid,) = sqlx::query_as("SELECT md5('m77')::uuid").fetch_one(&pool).await?;
+    let embedding: Vec<f32> = (1..=DIMENSIONS)
+        .map(|j| (0.37 * 77.0 + j as f32 * 1.3).sin())
+        .collect();
+    let settings = SearchSettings {
+        dimensions: DIMENSIONS,
+        text_search_config: "english".into(),
+    };
+    let filters: Vec<(&str, ListFilter)> = vec![
+        ("none", ListFilter::default()),
+        (
+            "tier",
+            ListFilter {
+                tier: Some("episodic".into()),
+                ..Default::default()
+            },
+        ),
+        (
+            "tags_any",
+            ListFilter {
+                tags_any: Some(vec!["t3".into(), "t4".into()]),
+                ..Default::default()
+            },
+        ),
+        (
+            "tags_all",
+            ListFilter {
+                tags_all: Some(vec!["t3".into(), "g1".into()]),
+                ..Default::default()
+            },
+        ),
+        (
+            "metadata",
+            ListFilter {
+                metadata: Some(json!({"k": 3})),
+                ..Default::default()
+            },
+        ),
+        (
+            "created",
+            ListFilter {
+                created_after: Some(at(3)),
+                created_before: Some(at(20)),
+                ..Default::default()
+            },
+        ),
+        (
+            "updated",
+            ListFilter {
+                updated_after: Some(at(3)),
+                updated_before: Some(at(20)),
+                include_expired: true,
+                ..Default::default()
+            },
+        ),
+    ];
+    let cursor = Cursor {
+        created_at: at(10),
+        memory_id: id,
+    };
+
+    let mut failures = Vec::new();
+    for generic in [false, true] {
+        // (what, statement, an index the plan must read, relations it must not scan)
+        let mut shapes: Vec<(String, Statement, &str, &[&str])> = vec![
+            (
+                "get".into(),
+                queries::memory_statement(Some(&agent), id),
+                "memories_pkey",
+                &["memories"],
+            ),
+            (
+                "get unrestricted".into(),
+                queries::memory_statement(None, id),
+                "memories_pkey",
+                &["memories"],
+            ),
+            (
+                "may_read".into(),
+                queries::may_read_statement(&agent, "plan-agent-8", id),
+                "memory_shares_grantee",
+                &["memories"],
+            ),
+            (
+                "get as of".into(),
+                queries::memory_as_of_statement(Some(&agent), id, at(5)),
+                "memory_history_pkey",
+                &["memories", "memory_history"],
+            ),
+        ];
+        for (name, filter) in &filters {
+            for (who, reader) in [
+                ("agent", Some(&agent)),
+                ("team", Some(&team)),
+                ("unrestricted", None),
+            ] {
+                shapes.push((
+                    format!("list {who} filter {name}"),
+                    queries::list_statement(reader, "plan-agent-7", filter, now, None, 20, None),
+                    "memories_by_namespace",
+                    &["memories"],
+                ));
+            }
+            shapes.push((
+                format!("list as of, filter {name}"),
+                queries::list_statement(Some(&agent), "plan-agent-7", filter, at(5), None, 20, Some(at(5))),
+                "memories_by_namespace",
+                &["memories", "memory_history"],
+            ));
+        }
+        shapes.push((
+            "list after a cursor".into(),
+            queries::list_statement(
+                Some(&agent),
+                "plan-agent-7",
+                &ListFilter::default(),
+                now,
+                Some(cursor),
+                20,
+                None,
+            ),
+            "memories_by_namespace",
+            &["memories"],
+        ));
+        for (who, reader) in [("agent", &agent), ("team", &team)] {
+            for (mode_name, mode) in [
+                ("text", SearchMode::Text("preference".into())),
+                ("vector", SearchMode::Vector(embedding.clone())),
+                (
+                    "hybrid",
+                    SearchMode::Hybrid {
+                        query: "preference".into(),
+                        embedding: embedding.clone(),
+                        weight: 0.5,
+                    },
+                ),
+            ] {
+                shapes.push((
+                    format!("search {mode_name} as {who}"),
+                    queries::search_statement(reader, &mode, &settings, now, 10),
+                    "memories_by_namespace",
+                    &["memories"],
+                ));
+            }
+        }
+        if !generic {
+            // "preference" is in every memory: reading it from the full-text index means
+            // reading an entry per memory of the table, which is what a search must not
+            // grow with. A custom plan knows the word (the configuration is a literal, so
+            // the query is a constant) and takes the reader's namespaces instead.
+            for (who, reader) in [("agent", &agent), ("team", &team)] {
+                let mode = SearchMode::Text("preference".into());
+                let plan = explain(
+                    &pool,
+                    false,
+                    queries::search_statement(reader, &mode, &settings, now, 10),
+                )
+                .await?;
+                if plan.indexes().contains(&"memories_fulltext") {
+                    failures.push(format!(
+                        "search text for a word of every memory as {who}: reads memories_fulltext\n{}",
+                        plan.text
+                    ));
+                }
+            }
+        }
+        for (what, statement, index, no_seq) in shapes {
+            let what = format!("{what} ({} plan)", if generic { "generic" } else { "custom" });
+            let plan = explain(&pool, generic, statement).await?;
+            let indexes = plan.indexes();
+            if !indexes.contains(&index) {
+                failures.push(format!(
+                    "{what}: does not search {index} (searches {indexes:?})\n{}",
+                    plan.text
+                ));
+            }
+            for relation in no_seq {
+                if plan.sequential(relation) {
+                    failures.push(format!("{what}: sequential scan of {relation}\n{}", plan.text));
+                }
+            }
+        }
+    }
+    env.cleanup().await;
+    assert!(
+        failures.is_empty(),
+        "{} plans are wrong:\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+    Ok(())
+}
+
+/// The memories a text search as `agent` finds.
+async fn found(pool: &PgPool, agent: &str, query: &str, config: &str) -> anyhow::Result<Vec<String>> {
+    let settings = SearchSettings {
+        dimensions: DIMENSIONS,
+        text_search_config: config.into(),
+    };
+    let results = queries::search(
+        pool,
+        &Reader::agent(agent),
+        &SearchMode::Text(query.into()),
+        &settings,
+        Utc::now(),
+        10,
+    )
+    .await?;
+    Ok(results.into_iter().map(|s| s.memory.content).collect())
+}
+
+async fn write_one(pool: &PgPool, namespace: &str, content: &str) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO memories (memory_id, namespace, content, tier, importance, version, actor, created_by,
+                               created_at, updated_at, log_partition, log_offset)
+         VALUES ($1, $2, $3, 'semantic', 0.5, 1, $2, $1, now(), now(), 0, 0)",
+    )
+    .bind(Uuid::new_v4())
+    .bind(namespace)
+    .bind(content)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn english_stems_and_simple_does_not() -> anyhow::Result<()> {
+    let stemmed = TestEnv::new().await?;
+    memos_postgres::migrate(&stemmed.pool).await?;
+    pool::ensure_text_search(&stemmed.pool, "english").await?;
+    write_one(&stemmed.pool, "stem-agent", "The user's preference is tea").await?;
+    let english = found(&stemmed.pool, "stem-agent", "preferences", "english").await?;
+
+    // A non-empty table built with `english` refuses `simple`, until it is rebuilt.
+    let refused = pool::ensure_text_search(&stemmed.pool, "simple").await;
+    let refusal = refused
+        .as_ref()
+        .err()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    assert!(
+        matches!(refused, Err(pool::TextSearchError::Mismatch { .. }))
+            && refusal.contains("memosctl text-search apply"),
+        "a mismatch is refused with the way out: {refusal:?}"
+    );
+    assert!(
+        pool::apply_text_search(&stemmed.pool, "simple").await?,
+        "the column is rebuilt"
+    );
+    pool::ensure_text_search(&stemmed.pool, "simple").await?;
+    let simple = found(&stemmed.pool, "stem-agent", "preferences", "simple").await?;
+    let simple_exact = found(&stemmed.pool, "stem-agent", "preference", "simple").await?;
+    let unknown = pool::ensure_text_search(&stemmed.pool, "klingon").await;
+    stemmed.cleanup().await;
+
+    assert_eq!(
+        english,
+        vec!["The user's preference is tea"],
+        "english stems plurals"
+    );
+    assert!(simple.is_empty(), "simple matches words as written: {simple:?}");
+    assert_eq!(simple_exact.len(), 1, "simple finds the word as written");
+    assert!(
+        matches!(unknown, Err(pool::TextSearchError::Unknown(_))),
+        "an unknown configuration is refused: {unknown:?}"
+    );
+    Ok(())
+}
