@@ -2,6 +2,7 @@
 
 mod adversarial;
 mod auth;
+mod bench_search;
 mod crash;
 mod dead_letters;
 mod degraded;

@@ -7,6 +7,8 @@
 //! - `bench e2e`: open-loop writes over HTTP at a fixed rate, and the time from publish to
 //!   visible.
 //! - `bench replay`: rebuilding the memory views from a backlog into a fresh schema.
+//! - `bench search`: text, vector and hybrid search latency and recall@10 for ordinary agents
+//!   and one heavy agent on a large `memories` table, while writes continue.
 //!
 //! Each run works on its own resources (database, topics, consumer group, Redis prefix, all
 //! named after a short run id) and removes them at the end unless `--keep`. Results are one
@@ -17,6 +19,7 @@ mod e2e;
 mod orchestrator;
 mod projector;
 mod replay;
+mod search;
 mod sys;
 
 use std::path::PathBuf;
@@ -43,6 +46,8 @@ pub enum Bench {
     Orchestrator(orchestrator::Args),
     /// Rebuild speed: `memosctl replay` of a backlog into a fresh schema.
     Replay(replay::Args),
+    /// Text, vector and hybrid search latency and recall@10 on a large memories table.
+    Search(search::Args),
 }
 
 pub async fn run(config: &Config, bench: Bench) -> anyhow::Result<()> {
@@ -51,6 +56,7 @@ pub async fn run(config: &Config, bench: Bench) -> anyhow::Result<()> {
         Bench::E2e(args) => e2e::run(config, args).await,
         Bench::Orchestrator(args) => orchestrator::run(config, args).await,
         Bench::Replay(args) => replay::run(config, args).await,
+        Bench::Search(args) => search::run(config, args).await,
     }
 }
 
@@ -153,6 +159,14 @@ impl Isolation {
         suffix: &str,
         dimensions: usize,
     ) -> anyhow::Result<(String, PgPool)> {
+        let (url, pool) = self.create_migrated_database(suffix).await?;
+        memos_postgres::pool::ensure_vector_index(&pool, dimensions).await?;
+        Ok((url, pool))
+    }
+
+    /// [`Isolation::create_database`] without the embedding index, for a bench that loads
+    /// its rows first and builds the index once afterwards.
+    pub async fn create_migrated_database(&mut self, suffix: &str) -> anyhow::Result<(String, PgPool)> {
         let name = format!("memos_bench_{}_{suffix}", self.id);
         let mut admin = self.admin().await?;
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
@@ -163,7 +177,6 @@ impl Isolation {
         let url = self.database_url(&name)?;
         let pool = PgPoolOptions::new().max_connections(2).connect(&url).await?;
         memos_postgres::migrate(&pool).await.context("migration failed")?;
-        memos_postgres::pool::ensure_vector_index(&pool, dimensions).await?;
         Ok((url, pool))
     }
 
