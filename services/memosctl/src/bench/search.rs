@@ -106,7 +106,9 @@ struct Output {
     machine: Machine,
 }
 
-/// Topic words; memory `i` names topic `(i * 31) % 50`, so each matches about 2%.
+/// Topic words; memory `i` names topic `((i / 10) * 31 + i) % 50`, so each matches about 2%
+/// of every agent's memories (the heavy agent's are every 10th `i`: the `i / 10` terms keep
+/// its words as varied as the others').
 const TOPICS: [&str; 50] = [
     "coffee",
     "travel",
@@ -160,8 +162,8 @@ const TOPICS: [&str; 50] = [
     "tax",
 ];
 
-/// Text queries, from common to rare: "user" is in a quarter of the memories, "preference"
-/// in a tenth, a topic in about 2%, "deadline" in 1%.
+/// Text queries, from common to rare: "user" is in a quarter of the memories (half of the
+/// heavy agent's), "preference" in a tenth, a topic in about 2%, "deadline" in 1%.
 const TEXT_QUERIES: [&str; 6] = [
     "user",
     "preference",
@@ -181,9 +183,9 @@ fn content_sql(i: &str) -> String {
     format!(
         "(ARRAY['user','customer','colleague','manager'])[1 + {i} % 4] || ' ' \
          || (ARRAY['asked about','mentioned','decided on','reminded me of','prefers','dislikes','planned','noted'])[1 + ({i} / 4) % 8] \
-         || ' the ' || ({topics})[1 + ({i} * 31) % 50] \
-         || CASE WHEN {i} % 10 = 3 THEN ' preference' ELSE '' END \
-         || CASE WHEN {i} % 100 = 7 THEN ' before the deadline' ELSE '' END \
+         || ' the ' || ({topics})[1 + (({i} / 10) * 31 + {i}) % 50] \
+         || CASE WHEN ({i} / 10) % 10 = 3 THEN ' preference' ELSE '' END \
+         || CASE WHEN ({i} / 10) % 100 = 7 THEN ' before the deadline' ELSE '' END \
          || ', memory ' || {i}",
         topics = sql_array(&TOPICS)
     )
