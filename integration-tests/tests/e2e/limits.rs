@@ -4,11 +4,12 @@
 //! allows gets `429 too_many_concurrent` until one of them ends; every `429` is counted in
 //! `memos_http_limited_total{role, limit}`.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use memos_integration_tests::api::Keyed;
 use memos_integration_tests::process::issue_key;
-use memos_integration_tests::{MemosProcess, TestEnv, metrics_text};
+use memos_integration_tests::{MemosProcess, TestEnv, eventually, metrics_text};
 use reqwest::Method;
 use tokio::io::AsyncWriteExt;
 
@@ -99,33 +100,34 @@ async fn each_principal_has_its_own_rate_and_concurrency() -> anyhow::Result<()>
     let service = Keyed::new(&base, Some(&ingest));
     let tools = "/v1/tools";
     // Until the server has read the slow request's headers, the service is still served.
-    let mut busy = None;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while busy.is_none() && tokio::time::Instant::now() < deadline {
+    let busy = eventually("the slow write holds the service's slot", WAIT, || async {
         let answer = service.call(Method::GET, tools, None, &[]).await?;
         match answer.status {
-            200 => tokio::time::sleep(Duration::from_millis(20)).await,
-            429 => busy = Some(answer),
+            200 => Ok(None),
+            429 => Ok(Some(answer)),
             other => anyhow::bail!("{other} {}", answer.body),
         }
-    }
-    let busy = busy.ok_or_else(|| anyhow::anyhow!("the slow write never held the service's slot"))?;
+    })
+    .await?;
     assert_eq!(busy.body["code"], "too_many_concurrent", "{}", busy.body);
     assert_eq!(busy.retry_after.as_deref(), Some("1"));
-    let mut refused = 1;
     drop(slow);
-    // The slot comes back when the slow write ends (its connection closed).
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the slot never came back");
+    // The slot comes back when the slow write ends (its connection closed); every 429 seen
+    // meanwhile is counted too.
+    let refused = AtomicU32::new(1);
+    eventually("the slot comes back", WAIT, || async {
         let answer = service.call(Method::GET, tools, None, &[]).await?;
         match answer.status {
-            200 => break,
-            429 => refused += 1,
+            200 => Ok(Some(())),
+            429 => {
+                refused.fetch_add(1, Ordering::Relaxed);
+                Ok(None)
+            }
             other => anyhow::bail!("{other} {}", answer.body),
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await?;
+    let refused = refused.into_inner();
     assert_eq!(
         limited(&base, "service", "concurrency").await?,
         f64::from(refused)
