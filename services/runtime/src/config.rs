@@ -707,6 +707,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn limits_that_would_refuse_everything_are_refused() {
+        let defaults = Config::default().http.limits;
+        assert!(defaults.check().is_ok());
+        for broken in [
+            Limits {
+                requests_per_second: 0.0,
+                ..defaults.agent
+            },
+            Limits {
+                requests_per_second: f64::NAN,
+                ..defaults.agent
+            },
+            Limits {
+                burst: 0,
+                ..defaults.agent
+            },
+            Limits {
+                concurrent_requests: 0,
+                ..defaults.agent
+            },
+        ] {
+            let limits = RoleLimits {
+                auditor: broken,
+                ..defaults
+            };
+            let error = limits.check().expect_err("refused");
+            assert!(error.contains("http.limits.auditor"), "{error}");
+        }
+    }
+
+    #[test]
     #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
     fn layers_apply_in_order_and_unknown_keys_fail() {
         figment::Jail::expect_with(|jail| {
