@@ -107,10 +107,7 @@ async fn main() -> anyhow::Result<()> {
         .map(|j| (i * 0.37 + j as f32 * 1.3).sin())
         .collect();
     let literal = vector_literal(&embedding);
-    let settings = SearchSettings {
-        dimensions: DIMENSIONS,
-        text_search_config: "english".into(),
-    };
+    let settings = SearchSettings::from_config(&memos_runtime::Config::default().memory);
     println!(
         "{memories} memories, {namespaces} namespaces, {DIMENSIONS} dimensions; median | slowest of 20, ms\n"
     );
@@ -139,9 +136,15 @@ async fn main() -> anyhow::Result<()> {
                     let t = Instant::now();
                     let rows = match variant {
                         "queries.rs (one statement)" => {
-                            let found: Vec<Scored> =
-                                queries::search(&pool, &reader, &search_mode, &settings, Utc::now(), 10)
-                                    .await?;
+                            let found: Vec<Scored> = queries::exact_search_statement(
+                                &reader,
+                                &search_mode,
+                                &settings,
+                                Utc::now(),
+                                10,
+                            )
+                            .fetch_all(&pool)
+                            .await?;
                             found.len()
                         }
                         "resolved first (two round trips)" => {

@@ -17,10 +17,11 @@
 //! and run by the function of the same name, so a plan test can `EXPLAIN` exactly what runs.
 
 use chrono::{DateTime, Utc};
+use memos_runtime::config::{MemoryConfig, SearchConfig};
 use serde::{Deserialize, Serialize};
 use sqlx::error::BoxDynError;
 use sqlx::postgres::{PgArguments, PgRow};
-use sqlx::{Arguments, Encode, Executor, FromRow, PgPool, Postgres, Type};
+use sqlx::{Acquire, Arguments, Encode, Executor, FromRow, PgConnection, PgPool, Postgres, Type};
 use uuid::Uuid;
 
 use crate::memories::{CommandRow, HistoryRow, Memory, ToolRow};
@@ -81,12 +82,23 @@ fn scope(reader: Option<&Reader>) -> Option<&[String]> {
 /// memory of the namespace that granted it (the join with `memories`, by primary key).
 macro_rules! visible_to_1 {
     () => {
-        "(m.namespace = ANY (ARRAY(SELECT unnest($1::text[]) \
-                                 UNION SELECT s.namespace FROM memory_shares s \
-                                       WHERE s.grantee = ($1::text[])[1] AND s.memory_id IS NULL)) \
-          OR m.memory_id = ANY (ARRAY(SELECT s.memory_id FROM memory_shares s \
-                                      JOIN memories x ON x.memory_id = s.memory_id AND x.namespace = s.namespace \
-                                      WHERE s.grantee = ($1::text[])[1])))"
+        concat!(
+            "(m.namespace = ANY (",
+            visible_namespaces_1!(),
+            ") OR m.memory_id = ANY (ARRAY(SELECT s.memory_id FROM memory_shares s \
+                                           JOIN memories x ON x.memory_id = s.memory_id AND x.namespace = s.namespace \
+                                           WHERE s.grantee = ($1::text[])[1])))"
+        )
+    };
+}
+
+/// The namespaces a reader reads whole (`$1` its scope): its own and its team namespaces,
+/// and the namespaces shared with it as a whole. An uncorrelated array, computed once.
+macro_rules! visible_namespaces_1 {
+    () => {
+        "ARRAY(SELECT unnest($1::text[]) \
+               UNION SELECT s.namespace FROM memory_shares s \
+                     WHERE s.grantee = ($1::text[])[1] AND s.memory_id IS NULL)"
     };
 }
 
@@ -177,6 +189,18 @@ impl Statement {
             .persistent(self.persistent)
             .fetch_optional(executor)
             .await
+    }
+
+    pub async fn execute<'c, E>(mut self, executor: E) -> Result<(), sqlx::Error>
+    where
+        E: Executor<'c, Database = Postgres>,
+    {
+        let args = self.arguments()?;
+        sqlx::query_with(sqlx::AssertSqlSafe(self.sql), args)
+            .persistent(self.persistent)
+            .execute(executor)
+            .await
+            .map(drop)
     }
 
     pub async fn fetch_one<'c, O, E>(mut self, executor: E) -> Result<O, sqlx::Error>
@@ -403,12 +427,66 @@ pub enum SearchMode {
     },
 }
 
-/// How a search is run: the embedding dimension (the vector expressions name it) and the
-/// text search configuration of `memories.content_tsv` (see [`crate::pool::ensure_text_search`]).
+/// How a search is run: the embedding dimension (the vector expressions name it), the
+/// text search configuration of `memories.content_tsv` (see [`crate::pool::ensure_text_search`])
+/// and the choice between exact and approximate plans (`memory.search`).
 #[derive(Debug, Clone)]
 pub struct SearchSettings {
     pub dimensions: usize,
     pub text_search_config: String,
+    pub tuning: SearchConfig,
+}
+
+impl SearchSettings {
+    /// The settings of a process configured with `memory`.
+    pub fn from_config(memory: &MemoryConfig) -> SearchSettings {
+        SearchSettings {
+            dimensions: memory.embedding_dimensions,
+            text_search_config: memory.text_search_config.clone(),
+            tuning: memory.search,
+        }
+    }
+
+    /// The configuration as an SQL string literal. It is written into the statement, not
+    /// bound: `websearch_to_tsquery` of a constant configuration is immutable, so PostgreSQL
+    /// folds the query into a constant and estimates how many memories match it from the
+    /// column's statistics (a common word matches nearly all of them, and reading them from
+    /// the full-text index would cost more than the reader's namespace does). With a bound
+    /// `$n::regconfig` (a stable cast) the estimate is a blind guess. Quotes are doubled, so
+    /// whatever the setting holds stays a literal; the startup check only lets a known name
+    /// through.
+    fn config_literal(&self) -> String {
+        format!("'{}'", self.text_search_config.replace('\'', "''"))
+    }
+}
+
+/// How a search was answered ([`search_planned`]); `memos_search_total{mode,plan}` counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SearchPlan {
+    /// Full-text matches found by the full-text index or the reader's namespaces, ranked.
+    Text,
+    /// Every visible memory's distance, sorted: the reader holds at most `exact_limit`.
+    Exact,
+    /// The HNSW index, scanned iteratively until `limit` visible memories were found.
+    Approximate,
+    /// The HNSW scan ran out of `max_scan_tuples` before finding `limit` visible memories, so
+    /// the exact plan answered.
+    ApproximateThenExact,
+    /// Hybrid over a large reader: its best text and vector candidates, fused.
+    Fused,
+}
+
+impl SearchPlan {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SearchPlan::Text => "text",
+            SearchPlan::Exact => "exact",
+            SearchPlan::Approximate => "approximate",
+            SearchPlan::ApproximateThenExact => "approximate_then_exact",
+            SearchPlan::Fused => "fused",
+        }
+    }
 }
 
 fn vector_literal(embedding: &[f32]) -> String {
@@ -416,97 +494,369 @@ fn vector_literal(embedding: &[f32]) -> String {
     format!("[{}]", parts.join(","))
 }
 
-/// The statement of [`search`]: `$1` reader, `$2` now, then the mode's arguments.
-pub fn search_statement(
+/// The filter every search applies besides visibility: live, unexpired memories (`$2` now).
+macro_rules! searchable_to_1 {
+    () => {
+        concat!(
+            "m.forgotten_at IS NULL AND (m.expires_at IS NULL OR m.expires_at > $2) AND ",
+            visible_to_1!()
+        )
+    };
+}
+
+/// What a ranking statement returns: whole memories, or only their ids (candidates).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Returning {
+    Memories,
+    Ids,
+}
+
+impl Returning {
+    fn columns(self) -> &'static str {
+        match self {
+            Returning::Memories => memory_columns!(),
+            Returning::Ids => "m.memory_id",
+        }
+    }
+}
+
+/// Full-text search, best rank first: `$1` reader, `$2` now, `$3` query, `$4` limit.
+pub fn text_search_statement(
+    reader: &Reader,
+    query: &str,
+    settings: &SearchSettings,
+    now: DateTime<Utc>,
+    limit: i64,
+    returning: Returning,
+) -> Statement {
+    let (config, columns) = (settings.config_literal(), returning.columns());
+    Statement::new(format!(
+        "SELECT {columns}, ts_rank_cd(m.content_tsv, q)::float8 AS score
+         FROM memories m, websearch_to_tsquery({config}, $3) q
+         WHERE m.content_tsv @@ q AND {}
+         ORDER BY score DESC, m.memory_id LIMIT $4",
+        searchable_to_1!()
+    ))
+    .bind(scope(Some(reader)))
+    .bind(now)
+    .bind(query)
+    .bind(limit)
+    .planned_each_time()
+}
+
+/// Exact k-NN: the reader's visible memories (found by index) sorted by cosine distance.
+/// `$1` reader, `$2` now, `$3` embedding, `$4` limit.
+pub fn exact_vector_statement(
+    reader: &Reader,
+    embedding: &[f32],
+    settings: &SearchSettings,
+    now: DateTime<Utc>,
+    limit: i64,
+    returning: Returning,
+) -> Statement {
+    // The dimension is a number from configuration, so formatting it keeps the SQL safe; it
+    // must appear literally for the planner to match the embedding index's expression.
+    let (d, columns) = (settings.dimensions, returning.columns());
+    Statement::new(format!(
+        "SELECT {columns}, (1 - (m.embedding::vector({d}) <=> $3::vector({d})))::float8 AS score
+         FROM memories m
+         WHERE m.embedding IS NOT NULL AND {}
+         ORDER BY m.embedding::vector({d}) <=> $3::vector({d}), m.memory_id LIMIT $4",
+        searchable_to_1!()
+    ))
+    .bind(scope(Some(reader)))
+    .bind(now)
+    .bind(vector_literal(embedding))
+    .bind(limit)
+    .planned_each_time()
+}
+
+/// The session settings of [`approximate_vector_statement`], for the current transaction:
+/// iterative scans in relaxed order (the statement sorts its results again),
+/// `hnsw.ef_search` and `hnsw.max_scan_tuples` from `memory.search`.
+pub fn approximate_settings_statement(settings: &SearchSettings) -> Statement {
+    Statement::new(
+        "SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true),
+                set_config('hnsw.ef_search', $1, true),
+                set_config('hnsw.max_scan_tuples', $2, true)"
+            .into(),
+    )
+    .bind(settings.tuning.ef_search.to_string())
+    .bind(settings.tuning.max_scan_tuples.to_string())
+}
+
+/// Approximate k-NN from the HNSW index, its nearest entries filtered by visibility as the
+/// iterative scan goes (it keeps scanning until `limit` rows pass or `hnsw.max_scan_tuples`
+/// entries were visited). Ordered by distance alone, so the index can produce the order; the
+/// relaxed order of the scan is sorted again outside. Run after
+/// [`approximate_settings_statement`] in one transaction. `$1` reader, `$2` now, `$3`
+/// embedding, `$4` limit.
+pub fn approximate_vector_statement(
+    reader: &Reader,
+    embedding: &[f32],
+    settings: &SearchSettings,
+    now: DateTime<Utc>,
+    limit: i64,
+    returning: Returning,
+) -> Statement {
+    let (d, columns) = (settings.dimensions, returning.columns());
+    Statement::new(format!(
+        "WITH nearest AS MATERIALIZED (
+           SELECT m.memory_id, m.embedding::vector({d}) <=> $3::vector({d}) AS distance
+           FROM memories m
+           WHERE m.embedding IS NOT NULL AND {}
+           ORDER BY m.embedding::vector({d}) <=> $3::vector({d}) LIMIT $4)
+         SELECT {columns}, (1 - n.distance)::float8 AS score
+         FROM nearest n JOIN memories m USING (memory_id)
+         ORDER BY n.distance, m.memory_id",
+        searchable_to_1!()
+    ))
+    .bind(scope(Some(reader)))
+    .bind(now)
+    .bind(vector_literal(embedding))
+    .bind(limit)
+    .planned_each_time()
+}
+
+/// How many memories the reader's namespaces and memory-level shares hold, counted up to
+/// `bound` (each part stops at `bound`: the count costs at most that many index entries).
+/// Forgotten memories and memories without an embedding count too: it chooses a plan, it
+/// is not an answer. `$1` reader, `$2` bound.
+pub fn visible_count_statement(reader: &Reader, bound: i64) -> Statement {
+    Statement::new(format!(
+        "SELECT (SELECT count(*) FROM (SELECT 1 FROM memories m
+                                       WHERE m.namespace = ANY ({}) LIMIT $2) n)
+              + (SELECT count(*) FROM (SELECT 1 FROM memory_shares s
+                                       WHERE s.grantee = ($1::text[])[1] AND s.memory_id IS NOT NULL
+                                       LIMIT $2) s)",
+        visible_namespaces_1!()
+    ))
+    .bind(scope(Some(reader)))
+    .bind(bound)
+}
+
+/// The score of hybrid search over row `m` and query `q`: `$5` × cosine similarity to `$3`
+/// (0 without an embedding) + (1 − `$5`) × text rank normalized to [0, 1) (`ts_rank_cd`
+/// flag 32), for embeddings of dimension `d`.
+fn hybrid_score(d: usize) -> String {
+    format!(
+        "($5 * CASE WHEN m.embedding IS NULL THEN 0
+                    ELSE 1 - (m.embedding::vector({d}) <=> $3::vector({d})) END
+          + (1 - $5) * coalesce(ts_rank_cd(m.content_tsv, q, 32), 0))::float8"
+    )
+}
+
+/// Exact hybrid: every visible memory that matches the query or has an embedding, scored
+/// `weight` × vector similarity + (1 − `weight`) × normalized text rank. `$1` reader, `$2`
+/// now, `$3` embedding, `$4` query, `$5` weight, `$6` limit.
+pub fn exact_hybrid_statement(
+    reader: &Reader,
+    (query, embedding, weight): (&str, &[f32], f64),
+    settings: &SearchSettings,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Statement {
+    let (config, columns) = (settings.config_literal(), memory_columns!());
+    Statement::new(format!(
+        "WITH scored AS (
+           SELECT m.memory_id, {score} AS score
+           FROM memories m, websearch_to_tsquery({config}, $4) q
+           WHERE (m.content_tsv @@ q OR m.embedding IS NOT NULL) AND {visible}
+         )
+         SELECT {columns}, s.score FROM scored s JOIN memories m USING (memory_id)
+         ORDER BY score DESC, m.memory_id LIMIT $6",
+        score = hybrid_score(settings.dimensions),
+        visible = searchable_to_1!(),
+    ))
+    .bind(scope(Some(reader)))
+    .bind(now)
+    .bind(vector_literal(embedding))
+    .bind(query)
+    .bind(weight)
+    .bind(limit)
+    .planned_each_time()
+}
+
+/// Fused hybrid: the candidates (`$6`, ids from the text and the vector ranking) scored as
+/// [`exact_hybrid_statement`] scores, by primary key, visibility checked again. Same
+/// arguments, `$6` the candidates and `$7` the limit.
+pub fn fused_hybrid_statement(
+    reader: &Reader,
+    (query, embedding, weight): (&str, &[f32], f64),
+    candidates: &[Uuid],
+    settings: &SearchSettings,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Statement {
+    let (config, columns) = (settings.config_literal(), memory_columns!());
+    Statement::new(format!(
+        "SELECT {columns}, {score} AS score
+         FROM memories m, websearch_to_tsquery({config}, $4) q
+         WHERE m.memory_id = ANY ($6::uuid[]) AND (m.content_tsv @@ q OR m.embedding IS NOT NULL)
+           AND {visible}
+         ORDER BY score DESC, m.memory_id LIMIT $7",
+        score = hybrid_score(settings.dimensions),
+        visible = searchable_to_1!(),
+    ))
+    .bind(scope(Some(reader)))
+    .bind(now)
+    .bind(vector_literal(embedding))
+    .bind(query)
+    .bind(weight)
+    .bind(candidates)
+    .bind(limit)
+    .planned_each_time()
+}
+
+/// The exact statement of a mode, as [`search`] runs for a reader whose memories are few:
+/// what the benchmark and the tests compare approximate answers with.
+pub fn exact_search_statement(
     reader: &Reader,
     mode: &SearchMode,
     settings: &SearchSettings,
     now: DateTime<Utc>,
     limit: i64,
 ) -> Statement {
-    // The dimension is a number from configuration, so formatting it keeps the SQL safe; it
-    // must appear literally for the planner to match the embedding index's expression.
-    let dimensions = settings.dimensions;
-    // The configuration is written as a literal, not bound: `websearch_to_tsquery` of a
-    // constant configuration is immutable, so PostgreSQL folds the query into a constant and
-    // estimates how many memories match it from the column's statistics (a common word
-    // matches nearly all of them, and reading them from the full-text index would cost more
-    // than the reader's namespace does). With a bound `$n::regconfig` (a stable cast) the
-    // estimate is a blind guess. Quoted as a string literal (quotes doubled), so whatever the
-    // setting holds stays a literal; the startup check only lets a known name through.
-    let config = format!("'{}'", settings.text_search_config.replace('\'', "''"));
-    let visible = format!(
-        "m.forgotten_at IS NULL AND (m.expires_at IS NULL OR m.expires_at > $2) AND {}",
-        visible_to_1!()
-    );
-    let columns = memory_columns!();
-    let statement = match mode {
-        SearchMode::Text(query) => Statement::new(format!(
-            "SELECT {columns}, ts_rank_cd(m.content_tsv, q)::float8 AS score
-             FROM memories m, websearch_to_tsquery({config}, $3) q
-             WHERE m.content_tsv @@ q AND {visible}
-             ORDER BY score DESC, m.memory_id LIMIT $4"
-        ))
-        .bind(scope(Some(reader)))
-        .bind(now)
-        .bind(query)
-        .bind(limit),
-        SearchMode::Vector(embedding) => Statement::new(format!(
-            "SELECT {columns}, (1 - (m.embedding::vector({dimensions}) <=> $3::vector({dimensions})))::float8 AS score
-             FROM memories m
-             WHERE m.embedding IS NOT NULL AND {visible}
-             ORDER BY m.embedding::vector({dimensions}) <=> $3::vector({dimensions}), m.memory_id LIMIT $4"
-        ))
-        .bind(scope(Some(reader)))
-        .bind(now)
-        .bind(vector_literal(embedding))
-        .bind(limit),
+    match mode {
+        SearchMode::Text(query) => {
+            text_search_statement(reader, query, settings, now, limit, Returning::Memories)
+        }
+        SearchMode::Vector(embedding) => {
+            exact_vector_statement(reader, embedding, settings, now, limit, Returning::Memories)
+        }
         SearchMode::Hybrid {
             query,
             embedding,
             weight,
-        } => Statement::new(format!(
-            "WITH scored AS (
-               SELECT m.memory_id,
-                      coalesce(ts_rank_cd(m.content_tsv, q, 32), 0)::float8 AS text_score,
-                      CASE WHEN m.embedding IS NULL THEN 0
-                           ELSE 1 - (m.embedding::vector({dimensions}) <=> $3::vector({dimensions})) END::float8 AS vector_score
-               FROM memories m, websearch_to_tsquery({config}, $4) q
-               WHERE (m.content_tsv @@ q OR m.embedding IS NOT NULL) AND {visible}
-             )
-             SELECT {columns}, ($5 * s.vector_score + (1 - $5) * s.text_score)::float8 AS score
-             FROM scored s JOIN memories m USING (memory_id)
-             ORDER BY score DESC, m.memory_id LIMIT $6"
-        ))
-        .bind(scope(Some(reader)))
-        .bind(now)
-        .bind(vector_literal(embedding))
-        .bind(query)
-        .bind(weight)
-        .bind(limit),
-    };
-    // After five executions of a prepared statement PostgreSQL may switch to its generic
-    // plan, which knows neither the words nor the embedding: it would read a common word's
-    // every entry from the full-text index (measured: 12 ms instead of 1 ms at 100,000
-    // memories, docs/search.md). A search is planned each time; planning costs well under
-    // a millisecond.
-    statement.planned_each_time()
+        } => exact_hybrid_statement(reader, (query, embedding, *weight), settings, now, limit),
+    }
 }
 
-/// Searches everything `reader` may read (never forgotten or expired memories). Vector
-/// search is exact: the reader's visible memories are found by index, then sorted by
-/// distance (the HNSW index would post-filter the whole table's nearest candidates).
+/// Searches everything `reader` may read (never forgotten or expired memories), best first.
 pub async fn search(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     reader: &Reader,
     mode: &SearchMode,
     settings: &SearchSettings,
     now: DateTime<Utc>,
     limit: i64,
 ) -> Result<Vec<Scored>, sqlx::Error> {
-    search_statement(reader, mode, settings, now, limit)
-        .fetch_all(pool)
-        .await
+    Ok(search_planned(conn, reader, mode, settings, now, limit).await?.0)
+}
+
+/// [`search`], and how it was answered.
+///
+/// - Text: one statement, the full-text index and the reader's namespaces (whichever the
+///   planner estimates smaller), every match ranked.
+/// - Vector: while the reader's namespaces and shares hold at most `memory.search.exact_limit`
+///   memories (a count bounded by it), exact k-NN. Above, the HNSW index with iterative
+///   scans, which finds the nearest visible memories of a large reader without reading the
+///   others; if the scan budget (`max_scan_tuples`) runs out before `limit` are found, the
+///   exact plan answers, so a search never returns fewer results than exact search would.
+/// - Hybrid: for a reader under the limit, exact (every visible memory scored). Above, the
+///   best `hybrid_candidates` of the text ranking and of the vector ranking (as above) are
+///   fused: scored by the same formula, best `limit` returned.
+pub async fn search_planned(
+    conn: &mut PgConnection,
+    reader: &Reader,
+    mode: &SearchMode,
+    settings: &SearchSettings,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<(Vec<Scored>, SearchPlan), sqlx::Error> {
+    match mode {
+        SearchMode::Text(query) => {
+            let found = text_search_statement(reader, query, settings, now, limit, Returning::Memories)
+                .fetch_all(&mut *conn)
+                .await?;
+            Ok((found, SearchPlan::Text))
+        }
+        SearchMode::Vector(embedding) => {
+            if !is_large(conn, reader, settings).await? {
+                let found =
+                    exact_vector_statement(reader, embedding, settings, now, limit, Returning::Memories)
+                        .fetch_all(&mut *conn)
+                        .await?;
+                return Ok((found, SearchPlan::Exact));
+            }
+            approximate_vector(conn, reader, embedding, settings, now, limit, Returning::Memories).await
+        }
+        SearchMode::Hybrid {
+            query,
+            embedding,
+            weight,
+        } => {
+            let hybrid = (query.as_str(), embedding.as_slice(), *weight);
+            if !is_large(conn, reader, settings).await? {
+                let found = exact_hybrid_statement(reader, hybrid, settings, now, limit)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                return Ok((found, SearchPlan::Exact));
+            }
+            let n = limit.max(i64::from(settings.tuning.hybrid_candidates));
+            let text: Vec<Candidate> = text_search_statement(reader, query, settings, now, n, Returning::Ids)
+                .fetch_all(&mut *conn)
+                .await?;
+            let (vector, _) =
+                approximate_vector(conn, reader, embedding, settings, now, n, Returning::Ids).await?;
+            let mut candidates: Vec<Uuid> = text.iter().chain(&vector).map(|c| c.memory_id).collect();
+            candidates.sort_unstable();
+            candidates.dedup();
+            let found = fused_hybrid_statement(reader, hybrid, &candidates, settings, now, limit)
+                .fetch_all(&mut *conn)
+                .await?;
+            Ok((found, SearchPlan::Fused))
+        }
+    }
+}
+
+/// A candidate of a fused search: a memory id and its score in one ranking.
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct Candidate {
+    memory_id: Uuid,
+}
+
+/// Whether `reader` may read more than `exact_limit` memories (then exact k-NN is too slow).
+async fn is_large(
+    conn: &mut PgConnection,
+    reader: &Reader,
+    settings: &SearchSettings,
+) -> Result<bool, sqlx::Error> {
+    let bound = i64::from(settings.tuning.exact_limit) + 1;
+    let (visible,): (i64,) = visible_count_statement(reader, bound)
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(visible >= bound)
+}
+
+/// The HNSW plan in a transaction of its own (its settings are local to it; inside a
+/// caller's transaction, a savepoint), falling back to the exact plan when it found fewer
+/// than `limit`: the scan gave up, or the reader has fewer than `limit` memories.
+async fn approximate_vector<O>(
+    conn: &mut PgConnection,
+    reader: &Reader,
+    embedding: &[f32],
+    settings: &SearchSettings,
+    now: DateTime<Utc>,
+    limit: i64,
+    returning: Returning,
+) -> Result<(Vec<O>, SearchPlan), sqlx::Error>
+where
+    O: for<'r> FromRow<'r, PgRow> + Send + Unpin,
+{
+    let mut tx = conn.begin().await?;
+    approximate_settings_statement(settings).execute(&mut *tx).await?;
+    let found: Vec<O> = approximate_vector_statement(reader, embedding, settings, now, limit, returning)
+        .fetch_all(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    if found.len() as i64 >= limit {
+        return Ok((found, SearchPlan::Approximate));
+    }
+    let found = exact_vector_statement(reader, embedding, settings, now, limit, returning)
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok((found, SearchPlan::ApproximateThenExact))
 }
 
 /// Every decided command about a memory, in log order.

@@ -15,7 +15,9 @@
 use chrono::{DateTime, TimeZone, Utc};
 use memos_integration_tests::{TestEnv, search_fixture};
 use memos_postgres::pool;
-use memos_postgres::queries::{self, Cursor, ListFilter, Reader, SearchMode, SearchSettings, Statement};
+use memos_postgres::queries::{
+    self, Cursor, ListFilter, Reader, Returning, SearchMode, SearchPlan, SearchSettings, Statement,
+};
 use serde_json::{Value, json};
 use sqlx::{Executor, PgPool};
 use uuid::Uuid;
@@ -32,6 +34,8 @@ struct Scan {
     index: Option<String>,
     /// Whether the index is searched by a condition (not walked whole, in its order).
     condition: bool,
+    /// Whether the index produces the rows in the order of an `ORDER BY` (k-NN of HNSW).
+    ordered: bool,
 }
 
 fn scans(plan: &Value, out: &mut Vec<Scan>) {
@@ -41,6 +45,7 @@ fn scans(plan: &Value, out: &mut Vec<Scan>) {
         relation: text("Relation Name"),
         index: text("Index Name"),
         condition: plan.get("Index Cond").is_some(),
+        ordered: plan.get("Order By").is_some(),
     });
     for child in plan.get("Plans").and_then(Value::as_array).into_iter().flatten() {
         scans(child, out);
@@ -54,11 +59,11 @@ struct Plan {
 }
 
 impl Plan {
-    /// The indexes the plan searches by a condition.
+    /// The indexes the plan searches by a condition, or by the distance of an `ORDER BY`.
     fn indexes(&self) -> Vec<&str> {
         self.scans
             .iter()
-            .filter(|s| s.condition)
+            .filter(|s| s.condition || s.ordered)
             .filter_map(|s| s.index.as_deref())
             .collect()
     }
@@ -89,6 +94,13 @@ async fn explain(pool: &PgPool, generic: bool, statement: Statement) -> anyhow::
     })
 }
 
+fn settings(dimensions: usize, text_search_config: &str) -> SearchSettings {
+    let mut memory = memos_runtime::Config::default().memory;
+    memory.embedding_dimensions = dimensions;
+    memory.text_search_config = text_search_config.into();
+    SearchSettings::from_config(&memory)
+}
+
 fn at(day: u32) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 1, day, 0, 0, 0).unwrap()
 }
@@ -106,10 +118,7 @@ async fn every_query_shape_uses_an_index() -> anyhow::Result<()> {
     let embedding: Vec<f32> = (1..=DIMENSIONS)
         .map(|j| (0.37 * 77.0 + j as f32 * 1.3).sin())
         .collect();
-    let settings = SearchSettings {
-        dimensions: DIMENSIONS,
-        text_search_config: "english".into(),
-    };
+    let settings = settings(DIMENSIONS, "english");
     let filters: Vec<(&str, ListFilter)> = vec![
         ("none", ListFilter::default()),
         (
@@ -241,11 +250,45 @@ async fn every_query_shape_uses_an_index() -> anyhow::Result<()> {
             ] {
                 shapes.push((
                     format!("search {mode_name} as {who}"),
-                    queries::search_statement(reader, &mode, &settings, now, 10),
+                    queries::exact_search_statement(reader, &mode, &settings, now, 10),
                     "memories_by_namespace",
                     &["memories"],
                 ));
             }
+            // The plans of a reader above memory.search.exact_limit.
+            shapes.push((
+                format!("count visible as {who}"),
+                queries::visible_count_statement(reader, 5_001),
+                "memories_by_namespace",
+                &["memories"],
+            ));
+            for returning in [Returning::Memories, Returning::Ids] {
+                shapes.push((
+                    format!("search vector approximate ({returning:?}) as {who}"),
+                    queries::approximate_vector_statement(reader, &embedding, &settings, now, 10, returning),
+                    "memories_embedding_hnsw_16",
+                    &["memories"],
+                ));
+            }
+            shapes.push((
+                format!("search text candidates as {who}"),
+                queries::text_search_statement(reader, "preference", &settings, now, 100, Returning::Ids),
+                "memories_by_namespace",
+                &["memories"],
+            ));
+            shapes.push((
+                format!("search hybrid fused as {who}"),
+                queries::fused_hybrid_statement(
+                    reader,
+                    ("preference", &embedding, 0.5),
+                    &[id],
+                    &settings,
+                    now,
+                    10,
+                ),
+                "memories_pkey",
+                &["memories"],
+            ));
         }
         if !generic {
             // "preference" is in every memory: reading it from the full-text index means
@@ -257,7 +300,7 @@ async fn every_query_shape_uses_an_index() -> anyhow::Result<()> {
                 let plan = explain(
                     &pool,
                     false,
-                    queries::search_statement(reader, &mode, &settings, now, 10),
+                    queries::exact_search_statement(reader, &mode, &settings, now, 10),
                 )
                 .await?;
                 if plan.indexes().contains(&"memories_fulltext") {
@@ -295,14 +338,122 @@ async fn every_query_shape_uses_an_index() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Query embedding `n`, of the fixture's shape at a position between its memories.
+fn query_embedding(n: usize) -> Vec<f32> {
+    let x = 1000.5 + n as f64 * 2_345.6;
+    (1..=DIMENSIONS)
+        .map(|j| (x * (0.37 + 0.01 * j as f64) + j as f64 * 1.3).sin() as f32)
+        .collect()
+}
+
+fn ids(found: &[queries::Scored]) -> Vec<Uuid> {
+    found.iter().map(|s| s.memory.memory_id).collect()
+}
+
+/// A reader above `memory.search.exact_limit` is answered from the HNSW index (vector) and
+/// by fusing two candidate lists (hybrid): only memories it may read, nearest first, and what
+/// exact search finds; when the index scan gives up before `limit` visible memories, the
+/// exact plan answers; a reader under the limit gets the exact plans.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_readers_are_answered_from_the_vector_index_as_exact_search_would() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let pool = env.pool.clone();
+    search_fixture::build(&pool, "knn-agent-", MEMORIES, NAMESPACES, DIMENSIONS, "english").await?;
+    let mut conn = pool.acquire().await?;
+    let now = Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap();
+    // A team reader of 100 namespaces: about 3,000 memories, a tenth of the table.
+    let team = Reader::with_namespaces("knn-agent-0", (1..100).map(|n| format!("knn-agent-{n}")));
+    let single = Reader::agent("knn-agent-500");
+    let mut large = settings(DIMENSIONS, "english");
+    large.tuning.exact_limit = 100;
+
+    let mut found_of_exact = (0, 0);
+    for n in 0..5 {
+        let embedding = query_embedding(n);
+        let vector = SearchMode::Vector(embedding.clone());
+        let (found, plan) = queries::search_planned(&mut conn, &team, &vector, &large, now, 10).await?;
+        assert_eq!(
+            plan,
+            SearchPlan::Approximate,
+            "a reader of 3,000 memories above a limit of 100"
+        );
+        assert_eq!(found.len(), 10);
+        for s in &found {
+            assert!(
+                team.reads_namespace(&s.memory.namespace),
+                "{} is not visible",
+                s.memory.namespace
+            );
+            assert!(s.memory.forgotten_at.is_none());
+        }
+        assert!(
+            found.windows(2).all(|w| w[0].score >= w[1].score),
+            "nearest first: {:?}",
+            found.iter().map(|s| s.score).collect::<Vec<_>>()
+        );
+        let exact = queries::exact_search_statement(&team, &vector, &large, now, 10)
+            .fetch_all::<queries::Scored, _>(&mut *conn)
+            .await?;
+        let approximate = ids(&found);
+        found_of_exact.0 += ids(&exact).iter().filter(|id| approximate.contains(id)).count();
+        found_of_exact.1 += exact.len();
+
+        let hybrid = SearchMode::Hybrid {
+            query: "preference".into(),
+            embedding,
+            weight: 0.7,
+        };
+        let (fused, plan) = queries::search_planned(&mut conn, &team, &hybrid, &large, now, 10).await?;
+        assert_eq!(plan, SearchPlan::Fused);
+        let exact = queries::exact_search_statement(&team, &hybrid, &large, now, 10)
+            .fetch_all::<queries::Scored, _>(&mut *conn)
+            .await?;
+        assert_eq!(
+            ids(&fused),
+            ids(&exact),
+            "fused hybrid finds the exact top 10, in order"
+        );
+    }
+    // HNSW is approximate: recall@10 against exact search over five queries.
+    assert!(
+        found_of_exact.0 * 100 >= found_of_exact.1 * 95,
+        "recall@10 {} of {}",
+        found_of_exact.0,
+        found_of_exact.1
+    );
+
+    // A reader of 30 memories (0.1% of the table) above the limit: the first entries of the
+    // index hold none of its memories, and a scan budget of one entry gives up at once.
+    let mut budget = large.clone();
+    budget.tuning.max_scan_tuples = 1;
+    budget.tuning.exact_limit = 10;
+    let vector = SearchMode::Vector(query_embedding(7));
+    let (found, plan) = queries::search_planned(&mut conn, &single, &vector, &budget, now, 10).await?;
+    assert_eq!(plan, SearchPlan::ApproximateThenExact);
+    let exact = queries::exact_search_statement(&single, &vector, &budget, now, 10)
+        .fetch_all::<queries::Scored, _>(&mut *conn)
+        .await?;
+    assert_eq!(ids(&found), ids(&exact));
+    assert_eq!(found.len(), 10);
+
+    // Under the limit (the default 5,000): exact, as before.
+    let defaults = settings(DIMENSIONS, "english");
+    let (found, plan) = queries::search_planned(&mut conn, &team, &vector, &defaults, now, 10).await?;
+    assert_eq!(plan, SearchPlan::Exact);
+    let exact = queries::exact_search_statement(&team, &vector, &defaults, now, 10)
+        .fetch_all::<queries::Scored, _>(&mut *conn)
+        .await?;
+    assert_eq!(ids(&found), ids(&exact));
+    drop(conn);
+    env.cleanup().await;
+    Ok(())
+}
+
 /// The memories a text search as `agent` finds.
 async fn found(pool: &PgPool, agent: &str, query: &str, config: &str) -> anyhow::Result<Vec<String>> {
-    let settings = SearchSettings {
-        dimensions: DIMENSIONS,
-        text_search_config: config.into(),
-    };
+    let settings = settings(DIMENSIONS, config);
     let results = queries::search(
-        pool,
+        &mut *pool.acquire().await?,
         &Reader::agent(agent),
         &SearchMode::Text(query.into()),
         &settings,

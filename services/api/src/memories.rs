@@ -558,6 +558,16 @@ pub struct SearchResults {
     pub items: Vec<Scored>,
 }
 
+/// The `(mode, plan)` pairs `memos_search_total` is exported with from the start.
+pub const SEARCH_LABELS: &[(&str, &str)] = &[
+    ("text", "text"),
+    ("vector", "exact"),
+    ("vector", "approximate"),
+    ("vector", "approximate_then_exact"),
+    ("hybrid", "exact"),
+    ("hybrid", "fused"),
+];
+
 pub async fn search(
     State(state): State<AppState>,
     caller: Caller,
@@ -623,14 +633,15 @@ pub async fn search(
         }
     };
     consistency::wait_for(&state, &headers).await?;
-    let settings = SearchSettings {
-        dimensions: state.config.memory.embedding_dimensions,
-        text_search_config: state.config.memory.text_search_config.clone(),
+    let settings = SearchSettings::from_config(&state.config.memory);
+    let search = async {
+        let mut conn = state.pool.acquire().await?;
+        queries::search_planned(&mut conn, &reader, &mode, &settings, Utc::now(), limit).await
     };
-    let search = queries::search(&state.pool, &reader, &mode, &settings, Utc::now(), limit);
-    let items = observe(m::POSTGRES_SECONDS, m::POSTGRES_ERRORS, "search", search)
+    let (items, plan) = observe(m::POSTGRES_SECONDS, m::POSTGRES_ERRORS, "search", search)
         .await
         .map_err(|e| ApiError::internal("search failed", e))?;
+    metrics::counter!(m::SEARCHES, "mode" => name, "plan" => plan.as_str()).increment(1);
     Ok(Json(SearchResults {
         mode: name.into(),
         items,

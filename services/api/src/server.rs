@@ -522,6 +522,9 @@ impl Api {
         for (role, limit) in limits::label_values() {
             metrics::counter!(m::HTTP_LIMITED, "role" => role, "limit" => limit).increment(0);
         }
+        for (mode, plan) in crate::memories::SEARCH_LABELS {
+            metrics::counter!(m::SEARCHES, "mode" => *mode, "plan" => *plan).increment(0);
+        }
         for op in [
             "get_memory",
             "list_memories",

@@ -139,6 +139,7 @@ async fn run(config: Arc<Config>, role: Role) -> anyhow::Result<()> {
 
     if role != Role::Projector {
         config.http.limits.check().map_err(anyhow::Error::msg)?;
+        config.memory.search.check().map_err(anyhow::Error::msg)?;
         memos_api::jwt::export_metrics();
         let auth = match config.http.auth {
             AuthMode::Keys => {

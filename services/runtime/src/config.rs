@@ -102,6 +102,44 @@ pub struct MemoryConfig {
     /// column `memories.content_tsv` is built with it: a process refuses to start when the
     /// column was built with another one (`memosctl text-search apply` rebuilds it).
     pub text_search_config: String,
+    /// How searches choose between exact and approximate plans (docs/search.md).
+    pub search: SearchConfig,
+}
+
+/// How `POST /v1/memories/search` runs (`memory.search`). Vector search is exact k-NN over
+/// what the reader may read while that is at most `exact_limit` memories; above it, the HNSW
+/// index with pgvector's iterative scans, falling back to exact when the scan budget runs out
+/// before `limit` results are found. Hybrid search fuses each mode's best `hybrid_candidates`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchConfig {
+    /// The most memories a reader's namespaces may hold for vector search to stay exact.
+    pub exact_limit: u32,
+    /// `hnsw.ef_search` of the approximate path: the candidate list the graph search keeps
+    /// (larger: better recall, slower).
+    pub ef_search: u32,
+    /// `hnsw.max_scan_tuples` of the approximate path: how many index entries an iterative
+    /// scan may visit looking for visible memories before it gives up (then: exact).
+    pub max_scan_tuples: u32,
+    /// How many of the text and of the vector ranking hybrid search fuses (at least the
+    /// request's limit).
+    pub hybrid_candidates: u32,
+}
+
+impl SearchConfig {
+    /// Refuses settings that would make every search fail or never be approximate.
+    pub fn check(&self) -> Result<(), String> {
+        if self.ef_search == 0 || self.ef_search > 1000 {
+            return Err(format!(
+                "memory.search.ef_search must be between 1 and 1000 (pgvector's range), not {}",
+                self.ef_search
+            ));
+        }
+        if self.max_scan_tuples == 0 || self.hybrid_candidates == 0 {
+            return Err("memory.search.max_scan_tuples and .hybrid_candidates must be at least 1".into());
+        }
+        Ok(())
+    }
 }
 
 /// Wire format of OTLP trace export.
@@ -643,6 +681,12 @@ impl Default for Config {
                 read_your_writes_timeout: Duration::from_secs(5),
                 conflict_check_timeout: Duration::from_millis(300),
                 text_search_config: "english".into(),
+                search: SearchConfig {
+                    exact_limit: 5_000,
+                    ef_search: 100,
+                    max_scan_tuples: 20_000,
+                    hybrid_candidates: 100,
+                },
             },
             telemetry: TelemetryConfig {
                 otlp_endpoint: None,

@@ -68,6 +68,7 @@ pub const HTTP_SECONDS: &str = "memos_http_request_duration_seconds";
 pub const HTTP_IN_FLIGHT: &str = "memos_http_requests_in_flight";
 pub const HTTP_DENIED: &str = "memos_http_denied_total";
 pub const HTTP_LIMITED: &str = "memos_http_limited_total";
+pub const SEARCHES: &str = "memos_search_total";
 pub const JWT_JWKS_RELOADS: &str = "memos_jwt_jwks_reloads_total";
 pub const BUILD_INFO: &str = "memos_build_info";
 pub const ORCHESTRATOR_COMMANDS: &str = "memos_orchestrator_commands_total";
@@ -276,6 +277,12 @@ pub const CATALOGUE: &[MetricDef] = &[
         kind: Counter,
         labels: &["role", "limit"],
         help: "Requests answered 429 for their principal's limits (http.limits), by role and limit (rate, concurrency).",
+    },
+    MetricDef {
+        name: SEARCHES,
+        kind: Counter,
+        labels: &["mode", "plan"],
+        help: "Searches answered, by mode (text, vector, hybrid) and plan (text, exact, approximate, approximate_then_exact, fused).",
     },
     MetricDef {
         name: JWT_JWKS_RELOADS,

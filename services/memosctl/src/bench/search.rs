@@ -11,8 +11,8 @@
 //! text queries match from about 1% to about 25% of the table. Then `ANALYZE`.
 //!
 //! Then, for sampled ordinary agents and for the heavy agent, `--queries` text, vector and
-//! hybrid searches (limit 10) each, through `memos_postgres::queries::search_statement`, the
-//! statement the API's `/v1/memories/search` runs, while a background task keeps inserting
+//! hybrid searches (limit 10) each, through `memos_postgres::queries::search_planned`, what
+//! the API's `/v1/memories/search` runs, while a background task keeps inserting
 //! memories (`--write-rate` per second) into random namespaces. Each search is timed, then
 //! repeated in the same snapshot (one `REPEATABLE READ` transaction, so concurrent writes
 //! cannot differ between the two) with `enable_indexscan` and `enable_bitmapscan` off: a
@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use memos_postgres::queries::{self, Reader, Scored, SearchMode, SearchSettings};
+use memos_postgres::queries::{self, Reader, Scored, SearchMode, SearchPlan, SearchSettings};
 use memos_runtime::Config;
 use serde::Serialize;
 use sqlx::PgPool;
@@ -51,9 +51,13 @@ pub struct Args {
     /// Memories inserted per second while the searches run (0: none).
     #[arg(long, default_value_t = 20)]
     write_rate: u32,
-    /// Keep the database.
+    /// Keep the database (its run id is printed, for `--reuse`).
     #[arg(long)]
     keep: bool,
+    /// Search the database a previous `--keep` run built (its run id) instead of building
+    /// one; `--memories` and `--namespaces` must be the ones it was built with. Kept.
+    #[arg(long)]
+    reuse: Option<String>,
 }
 
 /// Latency of one mode for one kind of agent.
@@ -65,6 +69,10 @@ pub struct Latency {
     pub max_ms: f64,
     /// Mean number of results (at most 10).
     pub mean_results: f64,
+    /// The lowest recall@10 of these searches.
+    pub recall_min: f64,
+    /// How many searches each plan answered (`queries::SearchPlan`).
+    pub plans: std::collections::BTreeMap<&'static str, usize>,
 }
 
 /// recall@10 of one mode over every sampled search (ordinary and heavy).
@@ -191,9 +199,16 @@ fn content_sql(i: &str) -> String {
     )
 }
 
-/// The embedding expression of memory `i`: deterministic, spread over the sphere.
+/// The embedding expression of memory `i`: deterministic, its topic's direction (so vector
+/// and text search agree, as with real embeddings) plus a pseudo-random part whose frequency
+/// differs per dimension (so the vectors span all dimensions, not a plane: an HNSW graph over
+/// points on one circle would flatter or ruin the approximate search).
 fn embedding_sql(i: &str, dimensions: usize) -> String {
-    format!("array(SELECT sin({i} * 0.37 + j * 1.3) FROM generate_series(1, {dimensions}) j)::vector")
+    format!(
+        "array(SELECT sin(((({i} / 10) * 31 + {i}) % 50) * 2.1 + j * 1.3) \
+                      + sin({i} * (0.5 + 0.001 * j) + j * 0.7) \
+               FROM generate_series(1, {dimensions}) j)::vector"
+    )
 }
 
 fn namespace(prefix: &str, agent: i64) -> String {
@@ -241,11 +256,17 @@ fn build_statements(prefix: &str, memories: i64, namespaces: i64, dimensions: us
     vec![memory, memory_shares, namespace_shares]
 }
 
-/// A query embedding near no memory in particular (memories use integer `i`).
+/// Query embedding `n`: the shape of [`embedding_sql`], a topic's direction plus a
+/// pseudo-random part at a non-integer position, so it is near that topic's memories and
+/// equal to none of them.
 fn query_embedding(n: usize, dimensions: usize) -> Vec<f32> {
+    let topic = (n * 7 % 50) as f64;
     let x = 1234.5 + n as f64 * 7.77;
     (1..=dimensions)
-        .map(|j| (x * 0.37 + j as f64 * 1.3).sin() as f32)
+        .map(|j| {
+            let j = j as f64;
+            ((topic * 2.1 + j * 1.3).sin() + (x * (0.5 + 0.001 * j) + j * 0.7).sin()) as f32
+        })
         .collect()
 }
 
@@ -257,9 +278,16 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
     );
     anyhow::ensure!(args.queries > 0, "--queries must be positive");
     let mut iso = Isolation::new(config, 1);
+    if let Some(id) = &args.reuse {
+        anyhow::ensure!(
+            !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric()),
+            "--reuse takes the run id a --keep run printed"
+        );
+        iso.id = id.clone();
+    }
     eprintln!("bench: run {} (database memos_bench_{}_search)", iso.id, iso.id);
     let result = run_isolated(config, &args, &mut iso).await;
-    iso.cleanup(config, args.keep).await;
+    iso.cleanup(config, args.keep || args.reuse.is_some()).await;
     println!("{}", serde_json::to_string(&result?)?);
     Ok(())
 }
@@ -269,6 +297,7 @@ struct Sample {
     millis: f64,
     results: usize,
     recall: f64,
+    plan: SearchPlan,
 }
 
 async fn sample(
@@ -285,14 +314,12 @@ async fn sample(
     // Takes the snapshot now, so the timed statement is not the one paying for it.
     sqlx::raw_sql("SELECT 1").execute(&mut *tx).await?;
     let started = Instant::now();
-    let found: Vec<Scored> = queries::search_statement(reader, mode, settings, now, 10)
-        .fetch_all(&mut *tx)
-        .await?;
+    let (found, plan) = queries::search_planned(&mut tx, reader, mode, settings, now, 10).await?;
     let millis = started.elapsed().as_secs_f64() * 1000.0;
     sqlx::raw_sql("SET LOCAL enable_indexscan = off; SET LOCAL enable_bitmapscan = off; SET LOCAL enable_indexonlyscan = off")
         .execute(&mut *tx)
         .await?;
-    let exact: Vec<Scored> = queries::search_statement(reader, mode, settings, now, 10)
+    let exact: Vec<Scored> = queries::exact_search_statement(reader, mode, settings, now, 10)
         .fetch_all(&mut *tx)
         .await?;
     tx.rollback().await?;
@@ -306,6 +333,7 @@ async fn sample(
         millis,
         results: found.len(),
         recall,
+        plan,
     })
 }
 
@@ -321,6 +349,11 @@ fn latency(samples: &[Sample]) -> Latency {
             samples.iter().map(|s| s.results as f64).sum::<f64>() / samples.len().max(1) as f64,
             2,
         ),
+        recall_min: round(samples.iter().map(|s| s.recall).fold(1.0, f64::min), 4),
+        plans: samples.iter().fold(Default::default(), |mut plans, s| {
+            *plans.entry(s.plan.as_str()).or_default() += 1;
+            plans
+        }),
     }
 }
 
@@ -387,26 +420,33 @@ async fn run_isolated(config: &Config, args: &Args, iso: &mut Isolation) -> anyh
     let dims = config.memory.embedding_dimensions;
     let text_config = config.memory.text_search_config.clone();
     let prefix = format!("sb-{}-agent-", iso.id);
-    let (url, small) = iso.create_migrated_database("search").await?;
-    small.close().await;
+    let build_seconds = if args.reuse.is_some() {
+        0.0
+    } else {
+        let (url, small) = iso.create_migrated_database("search").await?;
+        small.close().await;
+        let pool = PgPoolOptions::new().max_connections(2).connect(&url).await?;
+        eprintln!(
+            "bench: building {} memories in {} namespaces",
+            args.memories, args.namespaces
+        );
+        let started = Instant::now();
+        memos_postgres::pool::ensure_text_search(&pool, &text_config).await?;
+        for statement in build_statements(&prefix, args.memories, args.namespaces, dims) {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+                .execute(&pool)
+                .await?;
+        }
+        // After the load: one index build instead of N insertions into the graph.
+        memos_postgres::pool::ensure_vector_index(&pool, dims).await?;
+        sqlx::raw_sql("ANALYZE").execute(&pool).await?;
+        pool.close().await;
+        let build_seconds = started.elapsed().as_secs_f64();
+        eprintln!("bench: built in {build_seconds:.1}s");
+        build_seconds
+    };
+    let url = iso.database_url(&format!("memos_bench_{}_search", iso.id))?;
     let pool = PgPoolOptions::new().max_connections(2).connect(&url).await?;
-
-    eprintln!(
-        "bench: building {} memories in {} namespaces",
-        args.memories, args.namespaces
-    );
-    let started = Instant::now();
-    memos_postgres::pool::ensure_text_search(&pool, &text_config).await?;
-    for statement in build_statements(&prefix, args.memories, args.namespaces, dims) {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
-            .execute(&pool)
-            .await?;
-    }
-    // After the load: one index build instead of N insertions into the graph.
-    memos_postgres::pool::ensure_vector_index(&pool, dims).await?;
-    sqlx::raw_sql("ANALYZE").execute(&pool).await?;
-    let build_seconds = started.elapsed().as_secs_f64();
-    eprintln!("bench: built in {build_seconds:.1}s");
     let (heavy_agent_memories, memory_shares, namespace_shares): (i64, i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM memories WHERE namespace = $1),
                 (SELECT count(*) FROM memory_shares WHERE memory_id IS NOT NULL),
@@ -416,10 +456,7 @@ async fn run_isolated(config: &Config, args: &Args, iso: &mut Isolation) -> anyh
     .fetch_one(&pool)
     .await?;
 
-    let settings = SearchSettings {
-        dimensions: dims,
-        text_search_config: text_config.clone(),
-    };
+    let settings = SearchSettings::from_config(&config.memory);
     // Ordinary agents spread over the range; agent 1 (which reads the heavy namespace through
     // its share) is not among them, agents with a whole-namespace share are.
     let sampled: Vec<i64> = (0..10)
@@ -441,6 +478,10 @@ async fn run_isolated(config: &Config, args: &Args, iso: &mut Isolation) -> anyh
         ]
     };
 
+    // Past every memory number written so far (a reused database holds earlier runs' writes).
+    let (next_live,): (i64,) = sqlx::query_as("SELECT coalesce(max(log_offset), 0) + 1 FROM memories")
+        .fetch_one(&pool)
+        .await?;
     let stop = Arc::new(AtomicBool::new(false));
     let written = Arc::new(AtomicU64::new(0));
     let writer = (args.write_rate > 0).then(|| {
@@ -448,7 +489,7 @@ async fn run_isolated(config: &Config, args: &Args, iso: &mut Isolation) -> anyh
         tokio::spawn(write_continuously(Writer {
             pool,
             prefix: prefix.clone(),
-            first: args.memories + 1,
+            first: next_live,
             namespaces: args.namespaces,
             dimensions: dims,
             rate: args.write_rate,
@@ -521,9 +562,8 @@ async fn run_isolated(config: &Config, args: &Args, iso: &mut Isolation) -> anyh
             vector: latency(&hv),
             hybrid: latency(&hh),
         },
-        exact: "the same statement in the same REPEATABLE READ snapshot with enable_indexscan, \
-                enable_bitmapscan and enable_indexonlyscan off (a scan of every row); vector search is \
-                exact today, so its recall is 1.0 by construction until HNSW is used",
+        exact: "queries::exact_search_statement in the same REPEATABLE READ snapshot with \
+                enable_indexscan, enable_bitmapscan and enable_indexonlyscan off (a scan of every row)",
         machine: sys::machine(),
     })
 }
