@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use memos_postgres::queries::{self, Reader, Scored, SearchMode, SearchPlan, SearchSettings};
+use memos_postgres::queries::{self, Cursor, ListFilter, Reader, Scored, SearchMode, SearchPlan, SearchSettings};
 use memos_runtime::Config;
 use serde::Serialize;
 use sqlx::PgPool;
@@ -89,6 +89,24 @@ pub struct Modes<T> {
     pub hybrid: T,
 }
 
+/// Listing latency by filter, for ordinary agents and the heavy agent.
+#[derive(Debug, Serialize)]
+pub struct Listing {
+    pub ordinary: std::collections::BTreeMap<&'static str, Timing>,
+    pub heavy: std::collections::BTreeMap<&'static str, Timing>,
+    /// The slowest p99 of any filter, either kind of agent.
+    pub worst_p99_ms: f64,
+}
+
+/// Latency of one listing filter.
+#[derive(Debug, Serialize)]
+pub struct Timing {
+    pub queries: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub mean_results: f64,
+}
+
 #[derive(Debug, Serialize)]
 struct Output {
     bench: &'static str,
@@ -109,6 +127,8 @@ struct Output {
     ordinary: Modes<Latency>,
     heavy: Modes<Latency>,
     recall_at_10: Modes<Recall>,
+    /// Listing an agent's own namespace (limit 50, newest first), by filter.
+    listing: Listing,
     /// How the exact answer was computed.
     exact: &'static str,
     machine: Machine,
@@ -365,6 +385,123 @@ fn recall(a: &[Sample], b: &[Sample]) -> Recall {
     }
 }
 
+/// The listing filters timed: each filter of `GET /v1/agents/{id}/memories`, one that
+/// matches nothing (the whole namespace is read to say so, unless an index answers), and a
+/// second page (after the first page's cursor). Memory `i` was created at 2026-01-01 plus
+/// `i` seconds: the range is a tenth of the `memories` built, in the middle.
+fn list_cases(memories: i64) -> Vec<(&'static str, ListFilter, bool)> {
+    let start = chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 1, 1, 0, 0, 0).unwrap();
+    let at = |i: i64| start + chrono::Duration::seconds(i);
+    let tags = |t: &[&str]| Some(t.iter().map(|t| (*t).to_owned()).collect());
+    vec![
+        ("none", ListFilter::default(), false),
+        ("second_page", ListFilter::default(), true),
+        (
+            "tier",
+            ListFilter {
+                tier: Some("episodic".into()),
+                ..Default::default()
+            },
+            false,
+        ),
+        (
+            "tags_any",
+            ListFilter {
+                tags_any: tags(&["t3", "t7"]),
+                ..Default::default()
+            },
+            false,
+        ),
+        (
+            "tags_all",
+            ListFilter {
+                tags_all: tags(&["t3"]),
+                ..Default::default()
+            },
+            false,
+        ),
+        (
+            "metadata",
+            ListFilter {
+                metadata: Some(serde_json::json!({"k": 3})),
+                ..Default::default()
+            },
+            false,
+        ),
+        (
+            "created_range",
+            ListFilter {
+                created_after: Some(at(memories / 2)),
+                created_before: Some(at(memories / 2 + memories / 10)),
+                ..Default::default()
+            },
+            false,
+        ),
+        (
+            "matching_nothing",
+            ListFilter {
+                tags_any: tags(&["absent"]),
+                ..Default::default()
+            },
+            false,
+        ),
+    ]
+}
+
+/// One timed listing of `agent`'s own namespace (the first page untimed for a second page).
+async fn list_once(pool: &PgPool, agent: &str, filter: &ListFilter, second_page: bool) -> anyhow::Result<(f64, usize)> {
+    let reader = Reader::agent(agent);
+    let now = Utc::now();
+    let after = if second_page {
+        let first = queries::list_statement(Some(&reader), agent, filter, now, None, 50, None)
+            .fetch_all::<memos_postgres::memories::Memory, _>(pool)
+            .await?;
+        first.last().map(|m| Cursor {
+            created_at: m.created_at,
+            memory_id: m.memory_id,
+        })
+    } else {
+        None
+    };
+    let started = Instant::now();
+    let page = queries::list_statement(Some(&reader), agent, filter, now, after, 50, None)
+        .fetch_all::<memos_postgres::memories::Memory, _>(pool)
+        .await?;
+    Ok((started.elapsed().as_secs_f64() * 1000.0, page.len()))
+}
+
+/// Every listing case `queries` times for each of `agents` in turn.
+async fn time_listings(
+    pool: &PgPool,
+    agents: &[String],
+    queries: usize,
+    memories: i64,
+) -> anyhow::Result<std::collections::BTreeMap<&'static str, Timing>> {
+    let mut out = std::collections::BTreeMap::new();
+    for (name, filter, second_page) in list_cases(memories) {
+        // Warm-up: the first listing of a filter loads its index pages.
+        list_once(pool, &agents[0], &filter, second_page).await?;
+        let mut times = Vec::new();
+        let mut results = 0;
+        for n in 0..queries {
+            let (millis, found) = list_once(pool, &agents[n % agents.len()], &filter, second_page).await?;
+            times.push(millis);
+            results += found;
+        }
+        times.sort_by(f64::total_cmp);
+        out.insert(
+            name,
+            Timing {
+                queries,
+                p50_ms: round(sys::quantile(&times, 0.5), 3),
+                p99_ms: round(sys::quantile(&times, 0.99), 3),
+                mean_results: round(results as f64 / queries as f64, 2),
+            },
+        );
+    }
+    Ok(out)
+}
+
 /// The background writer: memory numbers from `first` on, over `namespaces`.
 struct Writer {
     pool: PgPool,
@@ -523,11 +660,26 @@ async fn run_isolated(config: &Config, args: &Args, iso: &mut Isolation) -> anyh
         anyhow::Ok(())
     }
     .await;
+    let listing = async {
+        let ordinary_agents: Vec<String> = sampled.iter().map(|a| namespace(&prefix, *a)).collect();
+        let ordinary = time_listings(&pool, &ordinary_agents, args.queries, args.memories).await?;
+        let heavy = time_listings(&pool, &[namespace(&prefix, 0)], args.queries, args.memories).await?;
+        let worst_p99_ms = ordinary.values().chain(heavy.values()).map(|t| t.p99_ms).fold(0.0, f64::max);
+        anyhow::Ok(Listing {
+            ordinary,
+            heavy,
+            worst_p99_ms,
+        })
+    };
+    let listing = match searches {
+        Ok(()) => listing.await,
+        Err(e) => Err(e),
+    };
     stop.store(true, Ordering::Relaxed);
     if let Some(writer) = writer {
         writer.await??;
     }
-    searches?;
+    let listing = listing?;
     pool.close().await;
     let [ot, ov, oh] = ordinary;
     let [ht, hv, hh] = heavy;
@@ -552,6 +704,7 @@ async fn run_isolated(config: &Config, args: &Args, iso: &mut Isolation) -> anyh
             vector: recall(&ov, &hv),
             hybrid: recall(&oh, &hh),
         },
+        listing,
         ordinary: Modes {
             text: latency(&ot),
             vector: latency(&ov),
