@@ -4,7 +4,8 @@
 //! embeddings, tags, metadata, one applied history row each, a memory-level share from every
 //! agent to the one before it and a whole-namespace share from every 10th agent to the one
 //! before it. Deterministic: the same sizes give the same rows. The embeddings' frequency
-//! differs per dimension, so they span every dimension (not a plane), as real ones do.
+//! in dimension `j` is `sqrt(j)`: incommensurate, so they span every dimension (not a plane)
+//! and never repeat, as real ones do not.
 
 /// The statements, to run in order on a migrated, empty view schema (then `ANALYZE`).
 pub fn statements(prefix: &str, memories: i64, namespaces: i64, dimensions: usize) -> [String; 4] {
@@ -17,7 +18,7 @@ pub fn statements(prefix: &str, memories: i64, namespaces: i64, dimensions: usiz
                     'memory ' || i || ' notes the user preference for topic ' || (i % 97),
                     CASE WHEN i % 3 = 0 THEN 'episodic' ELSE 'semantic' END,
                     ARRAY['t' || (i % 20), 'g' || (i % 7)], jsonb_build_object('k', i % 10), 0.5,
-                    array(SELECT sin(i * (0.37 + 0.01 * j) + j * 1.3) FROM generate_series(1, {dimensions}) j)::vector,
+                    array(SELECT sin(i * sqrt(j) + j * 1.3) FROM generate_series(1, {dimensions}) j)::vector,
                     1, '{prefix}' || (i % {namespaces}), md5('c' || i)::uuid,
                     timestamptz '2026-01-01' + i * interval '1 minute',
                     timestamptz '2026-01-01' + i * interval '1 minute',

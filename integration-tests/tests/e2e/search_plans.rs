@@ -76,16 +76,30 @@ impl Plan {
 }
 
 async fn explain(pool: &PgPool, generic: bool, statement: Statement) -> anyhow::Result<Plan> {
+    explain_after(pool, generic, None, statement).await
+}
+
+/// [`explain`] in a transaction that first runs `settings` (the session settings a statement
+/// runs with, e.g. `queries::approximate_settings_statement`).
+async fn explain_after(
+    pool: &PgPool,
+    generic: bool,
+    settings: Option<Statement>,
+    statement: Statement,
+) -> anyhow::Result<Plan> {
     // One connection, so that the plan cache mode applies to the statement explained.
-    let mut conn = pool.acquire().await?;
+    let mut conn = pool.begin().await?;
     let mode = if generic { "force_generic_plan" } else { "auto" };
-    conn.execute(sqlx::AssertSqlSafe(format!("SET plan_cache_mode = {mode}")))
+    conn.execute(sqlx::AssertSqlSafe(format!("SET LOCAL plan_cache_mode = {mode}")))
         .await?;
+    if let Some(settings) = settings {
+        settings.execute(&mut *conn).await?;
+    }
     let (json,): (Value,) = statement
         .prefixed("EXPLAIN (FORMAT JSON) ")
         .fetch_one(&mut *conn)
         .await?;
-    conn.execute("RESET plan_cache_mode").await?;
+    conn.rollback().await?;
     let mut found = Vec::new();
     scans(&json[0]["Plan"], &mut found);
     Ok(Plan {
@@ -312,8 +326,12 @@ async fn every_query_shape_uses_an_index() -> anyhow::Result<()> {
             }
         }
         for (what, statement, index, no_seq) in shapes {
+            // The HNSW statement runs after its session settings, in one transaction.
+            let session = what
+                .contains("approximate")
+                .then(|| queries::approximate_settings_statement(&settings));
             let what = format!("{what} ({} plan)", if generic { "generic" } else { "custom" });
-            let plan = explain(&pool, generic, statement).await?;
+            let plan = explain_after(&pool, generic, session, statement).await?;
             let indexes = plan.indexes();
             if !indexes.contains(&index) {
                 failures.push(format!(
@@ -342,7 +360,7 @@ async fn every_query_shape_uses_an_index() -> anyhow::Result<()> {
 fn query_embedding(n: usize) -> Vec<f32> {
     let x = 1000.5 + n as f64 * 2_345.6;
     (1..=DIMENSIONS)
-        .map(|j| (x * (0.37 + 0.01 * j as f64) + j as f64 * 1.3).sin() as f32)
+        .map(|j| (x * (j as f64).sqrt() + j as f64 * 1.3).sin() as f32)
         .collect()
 }
 

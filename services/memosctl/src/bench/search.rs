@@ -28,7 +28,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use memos_postgres::queries::{self, Cursor, ListFilter, Reader, Scored, SearchMode, SearchPlan, SearchSettings};
+use memos_postgres::queries::{
+    self, Cursor, ListFilter, Reader, Scored, SearchMode, SearchPlan, SearchSettings,
+};
 use memos_runtime::Config;
 use serde::Serialize;
 use sqlx::PgPool;
@@ -220,13 +222,15 @@ fn content_sql(i: &str) -> String {
 }
 
 /// The embedding expression of memory `i`: deterministic, its topic's direction (so vector
-/// and text search agree, as with real embeddings) plus a pseudo-random part whose frequency
-/// differs per dimension (so the vectors span all dimensions, not a plane: an HNSW graph over
-/// points on one circle would flatter or ruin the approximate search).
+/// and text search agree, as with real embeddings) plus a pseudo-random part with a frequency
+/// of `sqrt(j)` in dimension `j`. The frequencies are incommensurate, so the part never
+/// repeats (with frequencies linear in `j` it repeated every ~50,000 memories: clusters of
+/// near-copies far apart in the HNSW graph, which the approximate search missed), and the
+/// vectors span all dimensions, not a plane.
 fn embedding_sql(i: &str, dimensions: usize) -> String {
     format!(
         "array(SELECT sin(((({i} / 10) * 31 + {i}) % 50) * 2.1 + j * 1.3) \
-                      + sin({i} * (0.5 + 0.001 * j) + j * 0.7) \
+                      + sin({i} * sqrt(j) + j * 0.7) \
                FROM generate_series(1, {dimensions}) j)::vector"
     )
 }
@@ -285,7 +289,7 @@ fn query_embedding(n: usize, dimensions: usize) -> Vec<f32> {
     (1..=dimensions)
         .map(|j| {
             let j = j as f64;
-            ((topic * 2.1 + j * 1.3).sin() + (x * (0.5 + 0.001 * j) + j * 0.7).sin()) as f32
+            ((topic * 2.1 + j * 1.3).sin() + (x * j.sqrt() + j * 0.7).sin()) as f32
         })
         .collect()
 }
@@ -349,6 +353,20 @@ async fn sample(
     } else {
         exact.iter().filter(|s| got.contains(&s.memory.memory_id)).count() as f64 / exact.len() as f64
     };
+    if recall < 1.0 && std::env::var_os("MEMOS_BENCH_DEBUG").is_some() {
+        let show = |v: &[Scored]| {
+            v.iter()
+                .map(|s| format!("{}:{:.4}", &s.memory.memory_id.to_string()[..8], s.score))
+                .collect::<Vec<_>>()
+        };
+        eprintln!(
+            "recall {recall} {} {:?}\n found {:?}\n exact {:?}",
+            reader.name(),
+            plan,
+            show(&found),
+            show(&exact)
+        );
+    }
     Ok(Sample {
         millis,
         results: found.len(),
@@ -449,7 +467,12 @@ fn list_cases(memories: i64) -> Vec<(&'static str, ListFilter, bool)> {
 }
 
 /// One timed listing of `agent`'s own namespace (the first page untimed for a second page).
-async fn list_once(pool: &PgPool, agent: &str, filter: &ListFilter, second_page: bool) -> anyhow::Result<(f64, usize)> {
+async fn list_once(
+    pool: &PgPool,
+    agent: &str,
+    filter: &ListFilter,
+    second_page: bool,
+) -> anyhow::Result<(f64, usize)> {
     let reader = Reader::agent(agent);
     let now = Utc::now();
     let after = if second_page {
@@ -664,7 +687,11 @@ async fn run_isolated(config: &Config, args: &Args, iso: &mut Isolation) -> anyh
         let ordinary_agents: Vec<String> = sampled.iter().map(|a| namespace(&prefix, *a)).collect();
         let ordinary = time_listings(&pool, &ordinary_agents, args.queries, args.memories).await?;
         let heavy = time_listings(&pool, &[namespace(&prefix, 0)], args.queries, args.memories).await?;
-        let worst_p99_ms = ordinary.values().chain(heavy.values()).map(|t| t.p99_ms).fold(0.0, f64::max);
+        let worst_p99_ms = ordinary
+            .values()
+            .chain(heavy.values())
+            .map(|t| t.p99_ms)
+            .fold(0.0, f64::max);
         anyhow::Ok(Listing {
             ordinary,
             heavy,
