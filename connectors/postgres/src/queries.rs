@@ -688,22 +688,29 @@ fn hybrid_score(d: usize) -> String {
     )
 }
 
-/// Exact hybrid: every visible memory that matches the query or has an embedding, scored
+/// Hybrid search: every visible memory that matches the query or has an embedding (or only
+/// the `candidates`, ids from the text and the vector ranking, found by primary key), scored
 /// `weight` × vector similarity + (1 − `weight`) × normalized text rank. `$1` reader, `$2`
-/// now, `$3` embedding, `$4` query, `$5` weight, `$6` limit.
-pub fn exact_hybrid_statement(
+/// now, `$3` embedding, `$4` query, `$5` weight, `$6` limit, `$7` the candidates.
+pub fn hybrid_statement(
     reader: &Reader,
     (query, embedding, weight): (&str, &[f32], f64),
+    candidates: Option<&[Uuid]>,
     settings: &SearchSettings,
     now: DateTime<Utc>,
     limit: i64,
 ) -> Statement {
     let (config, columns) = (settings.config_literal(), memory_columns!());
-    Statement::new(format!(
+    let among = if candidates.is_some() {
+        "m.memory_id = ANY ($7::uuid[]) AND "
+    } else {
+        ""
+    };
+    let statement = Statement::new(format!(
         "WITH scored AS (
            SELECT m.memory_id, {score} AS score
            FROM memories m, websearch_to_tsquery({config}, $4) q
-           WHERE (m.content_tsv @@ q OR m.embedding IS NOT NULL) AND {visible}
+           WHERE {among}(m.content_tsv @@ q OR m.embedding IS NOT NULL) AND {visible}
          )
          SELECT {columns}, s.score FROM scored s JOIN memories m USING (memory_id)
          ORDER BY score DESC, m.memory_id LIMIT $6",
@@ -715,38 +722,11 @@ pub fn exact_hybrid_statement(
     .bind(vector_literal(embedding))
     .bind(query)
     .bind(weight)
-    .bind(limit)
-    .planned_each_time()
-}
-
-/// Fused hybrid: the candidates (`$6`, ids from the text and the vector ranking) scored as
-/// [`exact_hybrid_statement`] scores, by primary key, visibility checked again. Same
-/// arguments, `$6` the candidates and `$7` the limit.
-pub fn fused_hybrid_statement(
-    reader: &Reader,
-    (query, embedding, weight): (&str, &[f32], f64),
-    candidates: &[Uuid],
-    settings: &SearchSettings,
-    now: DateTime<Utc>,
-    limit: i64,
-) -> Statement {
-    let (config, columns) = (settings.config_literal(), memory_columns!());
-    Statement::new(format!(
-        "SELECT {columns}, {score} AS score
-         FROM memories m, websearch_to_tsquery({config}, $4) q
-         WHERE m.memory_id = ANY ($6::uuid[]) AND (m.content_tsv @@ q OR m.embedding IS NOT NULL)
-           AND {visible}
-         ORDER BY score DESC, m.memory_id LIMIT $7",
-        score = hybrid_score(settings.dimensions),
-        visible = searchable_to_1!(),
-    ))
-    .bind(scope(Some(reader)))
-    .bind(now)
-    .bind(vector_literal(embedding))
-    .bind(query)
-    .bind(weight)
-    .bind(candidates)
-    .bind(limit)
+    .bind(limit);
+    match candidates {
+        Some(ids) => statement.bind(ids),
+        None => statement,
+    }
     .planned_each_time()
 }
 
@@ -770,7 +750,7 @@ pub fn exact_search_statement(
             query,
             embedding,
             weight,
-        } => exact_hybrid_statement(reader, (query, embedding, *weight), settings, now, limit),
+        } => hybrid_statement(reader, (query, embedding, *weight), None, settings, now, limit),
     }
 }
 
@@ -830,7 +810,7 @@ pub async fn search_planned(
         } => {
             let hybrid = (query.as_str(), embedding.as_slice(), *weight);
             if !is_large(conn, reader, settings).await? {
-                let found = exact_hybrid_statement(reader, hybrid, settings, now, limit)
+                let found = hybrid_statement(reader, hybrid, None, settings, now, limit)
                     .fetch_all(&mut *conn)
                     .await?;
                 return Ok((found, SearchPlan::Exact));
@@ -844,7 +824,7 @@ pub async fn search_planned(
             let mut candidates: Vec<Uuid> = text.iter().chain(&vector).map(|c| c.memory_id).collect();
             candidates.sort_unstable();
             candidates.dedup();
-            let found = fused_hybrid_statement(reader, hybrid, &candidates, settings, now, limit)
+            let found = hybrid_statement(reader, hybrid, Some(&candidates), settings, now, limit)
                 .fetch_all(&mut *conn)
                 .await?;
             Ok((found, SearchPlan::Fused))

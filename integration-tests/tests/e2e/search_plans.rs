@@ -292,10 +292,10 @@ async fn every_query_shape_uses_an_index() -> anyhow::Result<()> {
             ));
             shapes.push((
                 format!("search hybrid fused as {who}"),
-                queries::fused_hybrid_statement(
+                queries::hybrid_statement(
                     reader,
                     ("preference", &embedding, 0.5),
-                    &[id],
+                    Some(&[id]),
                     &settings,
                     now,
                     10,

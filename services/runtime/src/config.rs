@@ -135,8 +135,18 @@ impl SearchConfig {
                 self.ef_search
             ));
         }
-        if self.max_scan_tuples == 0 || self.hybrid_candidates == 0 {
-            return Err("memory.search.max_scan_tuples and .hybrid_candidates must be at least 1".into());
+        if self.max_scan_tuples == 0 || self.max_scan_tuples > i32::MAX as u32 {
+            return Err(format!(
+                "memory.search.max_scan_tuples must be between 1 and {} (pgvector's range), not {}",
+                i32::MAX,
+                self.max_scan_tuples
+            ));
+        }
+        if self.hybrid_candidates == 0 || self.hybrid_candidates > 10_000 {
+            return Err(format!(
+                "memory.search.hybrid_candidates must be between 1 and 10000, not {}",
+                self.hybrid_candidates
+            ));
         }
         Ok(())
     }
@@ -854,6 +864,52 @@ mod tests {
 
     #[test]
     #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
+    fn search_settings_out_of_pgvectors_range_are_refused() {
+        let defaults = Config::default().memory.search;
+        defaults.check().expect("the defaults are valid");
+        for (bad, name) in [
+            (
+                SearchConfig {
+                    ef_search: 0,
+                    ..defaults
+                },
+                "ef_search",
+            ),
+            (
+                SearchConfig {
+                    ef_search: 1001,
+                    ..defaults
+                },
+                "ef_search",
+            ),
+            (
+                SearchConfig {
+                    max_scan_tuples: u32::MAX,
+                    ..defaults
+                },
+                "max_scan_tuples",
+            ),
+            (
+                SearchConfig {
+                    hybrid_candidates: 0,
+                    ..defaults
+                },
+                "hybrid_candidates",
+            ),
+            (
+                SearchConfig {
+                    hybrid_candidates: 10_001,
+                    ..defaults
+                },
+                "hybrid_candidates",
+            ),
+        ] {
+            let error = bad.check().expect_err(name);
+            assert!(error.contains(name), "{error}");
+        }
+    }
+
+    #[test]
     fn sasl_comes_from_the_environment_and_must_match_the_protocol() {
         figment::Jail::expect_with(|jail| {
             let config: Config = Config::figment(None).extract()?;
