@@ -863,7 +863,6 @@ mod tests {
     }
 
     #[test]
-    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
     fn search_settings_out_of_pgvectors_range_are_refused() {
         let defaults = Config::default().memory.search;
         defaults.check().expect("the defaults are valid");
@@ -910,6 +909,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
     fn sasl_comes_from_the_environment_and_must_match_the_protocol() {
         figment::Jail::expect_with(|jail| {
             let config: Config = Config::figment(None).extract()?;
