@@ -323,7 +323,8 @@ macro_rules! memories_as_of_16 {
     };
 }
 
-macro_rules! list_filters {
+/// The filters of a listing, over a row `m` (`$3..$14`).
+macro_rules! list_conditions {
     () => {
         " AND ($3::text IS NULL OR m.tier = $3)
            AND ($4::text[] IS NULL OR m.tags && $4)
@@ -334,14 +335,37 @@ macro_rules! list_filters {
            AND ($9::timestamptz IS NULL OR m.updated_at >= $9)
            AND ($10::timestamptz IS NULL OR m.updated_at < $10)
            AND ($11 OR m.expires_at IS NULL OR m.expires_at > $12)
-           AND ($13::timestamptz IS NULL OR (m.created_at, m.memory_id) < ($13, $14))
-         ORDER BY m.created_at DESC, m.memory_id DESC
-         LIMIT $15"
+           AND ($13::timestamptz IS NULL OR (m.created_at, m.memory_id) < ($13, $14))"
     };
 }
 
+/// A listing's order and page size (`$15`).
+macro_rules! list_page {
+    () => {
+        " ORDER BY m.created_at DESC, m.memory_id DESC LIMIT $15"
+    };
+}
+
+/// Most memories of a namespace a listing reads in listing order before it lets the filter
+/// indexes answer instead (at least this many, and at least 10 pages' worth).
+pub const LIST_WALK: i64 = 1_000;
+
 /// The statement of [`list`]: `$1` reader, `$2` namespace, `$3..$15` filters and page,
-/// `$16` the instant of an as-of listing.
+/// `$16` the instant of an as-of listing, or else the walk bound.
+///
+/// A current listing is answered in one of two ways, decided while it runs:
+/// - **Walk.** The namespace index read in listing order (from the page's cursor, within the
+///   created range), each memory tested against visibility and the filters, stopping at the
+///   page's end or after [`LIST_WALK`] memories. What it found is the page if it is full:
+///   the first matches in listing order.
+/// - **Filter indexes.** Otherwise, the matches found by the planner's cheapest way to find
+///   them all (the tags and metadata indexes, intersected with the namespace index), sorted.
+///   Planned apart from any order (a materialized CTE), so a selective filter is never
+///   answered by walking the whole namespace. Only run when the walk did not fill the page.
+///
+/// The planner cannot choose between the two itself: it estimates a filter's selectivity on
+/// the whole table, so a tag common in the table but absent from one large namespace looks
+/// cheap to find by walking it (measured: 0.46 s to walk 100,000 memories and find none).
 #[allow(clippy::too_many_arguments)]
 pub fn list_statement(
     reader: Option<&Reader>,
@@ -352,42 +376,65 @@ pub fn list_statement(
     limit: i64,
     as_of: Option<DateTime<Utc>>,
 ) -> Statement {
-    let from = match as_of {
-        None => "memories",
-        Some(_) => memories_as_of_16!(),
-    };
     // For a reader, visibility as tested for one namespace (`$2`, see `visible_in_2_to_1`).
     let visible = match reader {
         Some(_) => visible_in_2_to_1!(),
         None => visibility(None),
     };
-    let statement = Statement::new(format!(
-        "SELECT {} FROM {from} m WHERE m.namespace = $2 AND m.forgotten_at IS NULL AND {visible}{}",
-        memory_columns!(),
-        list_filters!()
-    ))
-    .bind(scope(reader))
-    .bind(namespace)
-    .bind(&filter.tier)
-    .bind(&filter.tags_any)
-    .bind(&filter.tags_all)
-    .bind(&filter.metadata)
-    .bind(filter.created_after)
-    .bind(filter.created_before)
-    .bind(filter.updated_after)
-    .bind(filter.updated_before)
-    .bind(filter.include_expired)
-    .bind(now)
-    .bind(after.map(|c| c.created_at))
-    .bind(after.map(|c| c.memory_id))
-    .bind(limit);
+    let columns = memory_columns!();
+    let sql = match as_of {
+        None => format!(
+            "WITH walk AS (
+               SELECT {columns} FROM (
+                 SELECT * FROM memories m
+                 WHERE m.namespace = $2 AND m.forgotten_at IS NULL
+                   AND ($7::timestamptz IS NULL OR m.created_at >= $7)
+                   AND ($8::timestamptz IS NULL OR m.created_at < $8)
+                   AND ($13::timestamptz IS NULL OR (m.created_at, m.memory_id) < ($13, $14))
+                 ORDER BY m.created_at DESC, m.memory_id DESC LIMIT $16) m
+               WHERE {visible}{conditions}{page}),
+             matching AS MATERIALIZED (
+               SELECT m.memory_id, m.created_at FROM memories m
+               WHERE m.namespace = $2 AND m.forgotten_at IS NULL AND {visible}{conditions})
+             SELECT * FROM walk WHERE (SELECT count(*) FROM walk) >= $15
+             UNION ALL
+             SELECT {columns}
+             FROM (SELECT memory_id FROM matching m{page}) f JOIN memories m USING (memory_id)
+             WHERE (SELECT count(*) FROM walk) < $15
+             ORDER BY created_at DESC, memory_id DESC",
+            conditions = list_conditions!(),
+            page = list_page!(),
+        ),
+        Some(_) => format!(
+            "SELECT {columns} FROM {} m WHERE m.namespace = $2 AND m.forgotten_at IS NULL AND {visible}{}{}",
+            memories_as_of_16!(),
+            list_conditions!(),
+            list_page!()
+        ),
+    };
+    let statement = Statement::new(sql)
+        .bind(scope(reader))
+        .bind(namespace)
+        .bind(&filter.tier)
+        .bind(&filter.tags_any)
+        .bind(&filter.tags_all)
+        .bind(&filter.metadata)
+        .bind(filter.created_after)
+        .bind(filter.created_before)
+        .bind(filter.updated_after)
+        .bind(filter.updated_before)
+        .bind(filter.include_expired)
+        .bind(now)
+        .bind(after.map(|c| c.created_at))
+        .bind(after.map(|c| c.memory_id))
+        .bind(limit);
     // Planned with the namespace and filters it is run with: a generic plan knows neither
     // whether the namespace holds a hundred memories or a hundred thousand nor which filters
     // are unset (`$n IS NULL OR ...`), so it could not use the tags and metadata indexes, and
     // it sorted a large namespace whole (measured: 0.5-0.7 s for 100,000 memories).
     match as_of {
         Some(at) => statement.bind(at),
-        None => statement,
+        None => statement.bind(LIST_WALK.max(limit.saturating_mul(10))),
     }
     .planned_each_time()
 }

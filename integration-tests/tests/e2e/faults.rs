@@ -711,7 +711,11 @@ async fn faults_orchestrator_sigkill_under_tasks_and_workflows() -> anyhow::Resu
         }
     }
     let healed = Instant::now();
-    // Done when every task and workflow finished, or nothing moved for a while.
+    // Done when every task and workflow finished, or nothing moved for longer than any timer
+    // of the orchestrator that could still move something: a task held by an incarnation
+    // killed mid-transaction waits for the transaction timeout (10 s), a re-delegation for
+    // the heartbeat window (30 s). Giving up after 20 s counted such recoveries as stuck.
+    let patience = Duration::from_secs(60);
     let total_tasks = (sent - workflow_ids.len() + 2 * workflow_ids.len()) as i64;
     let mut last = (-1, -1);
     let mut still = Instant::now();
@@ -729,7 +733,7 @@ async fn faults_orchestrator_sigkill_under_tasks_and_workflows() -> anyhow::Resu
         if (tasks_done, workflows_done) != last {
             last = (tasks_done, workflows_done);
             still = Instant::now();
-        } else if still.elapsed() > Duration::from_secs(20) {
+        } else if still.elapsed() > patience {
             break last;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -539,3 +539,140 @@ async fn english_stems_and_simple_does_not() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// The ids of a namespace's memories matching `condition` (SQL over `m`), listing order: the
+/// answer of a plain scan, to compare listings with.
+async fn listed_by_scan(pool: &PgPool, namespace: &str, condition: &str) -> anyhow::Result<Vec<Uuid>> {
+    let rows: Vec<(Uuid,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT m.memory_id FROM memories m
+         WHERE m.namespace = $1 AND m.forgotten_at IS NULL AND {condition}
+         ORDER BY m.created_at DESC, m.memory_id DESC"
+    )))
+    .bind(namespace)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
+/// Every page of a listing, following its cursors.
+async fn listed_by_pages(
+    pool: &PgPool,
+    reader: &Reader,
+    namespace: &str,
+    filter: &ListFilter,
+    limit: i64,
+) -> anyhow::Result<Vec<Uuid>> {
+    let (mut all, mut after) = (Vec::new(), None);
+    loop {
+        let page = queries::list(
+            pool,
+            Some(reader),
+            namespace,
+            filter,
+            Utc::now(),
+            after,
+            limit,
+            None,
+        )
+        .await?;
+        all.extend(page.iter().map(|m| m.memory_id));
+        match page.last() {
+            Some(last) if page.len() as i64 == limit => {
+                after = Some(Cursor {
+                    created_at: last.created_at,
+                    memory_id: last.memory_id,
+                })
+            }
+            _ => return Ok(all),
+        }
+    }
+}
+
+/// A namespace larger than a listing's walk ([`queries::LIST_WALK`]), with memories only a
+/// filter index finds in time: three tagged `rare`, older than all the others, so the walk
+/// in listing order meets none of them. Every listing, page by page, must be what a plain
+/// scan finds, whether the walk fills its pages (no filter, a tier) or the filter indexes
+/// answer (a rare tag, metadata, a tag absent from the namespace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_of_a_large_namespace_find_what_a_scan_finds() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let pool = env.pool.clone();
+    // Four namespaces of 1,500: namespace 0 holds the memories i ≡ 0 (mod 4), so tags t0, t4,
+    // t8, t12, t16 and metadata k of 0, 2, 4, 6, 8 only.
+    search_fixture::build(&pool, "walk-", 6_000, 4, DIMENSIONS, "english").await?;
+    assert!(
+        6_000 / 4 > queries::LIST_WALK,
+        "the namespace must be larger than the walk"
+    );
+    sqlx::query(
+        "INSERT INTO memories (memory_id, namespace, content, tier, tags, metadata, importance, version,
+                               actor, created_by, created_at, updated_at, log_partition, log_offset)
+         SELECT md5('rare' || r)::uuid, 'walk-0', 'rare ' || r, 'semantic', ARRAY['rare'],
+                jsonb_build_object('k', 'rare'), 0.5, 1, 'walk-0', md5('rare' || r)::uuid,
+                timestamptz '2025-12-01' + r * interval '1 hour', now(), 0, 0
+         FROM generate_series(1, 3) r",
+    )
+    .execute(&pool)
+    .await?;
+    sqlx::raw_sql("ANALYZE memories").execute(&pool).await?;
+    let reader = Reader::agent("walk-0");
+    let tags = |t: &[&str]| Some(t.iter().map(|t| (*t).to_owned()).collect::<Vec<_>>());
+    let cases: Vec<(&str, ListFilter, &str)> = vec![
+        ("none", ListFilter::default(), "true"),
+        (
+            "tier",
+            ListFilter {
+                tier: Some("episodic".into()),
+                ..Default::default()
+            },
+            "m.tier = 'episodic'",
+        ),
+        (
+            "a rare tag",
+            ListFilter {
+                tags_any: tags(&["rare", "t1"]),
+                ..Default::default()
+            },
+            "m.tags && ARRAY['rare', 't1']",
+        ),
+        (
+            "rare metadata",
+            ListFilter {
+                metadata: Some(json!({"k": "rare"})),
+                ..Default::default()
+            },
+            "m.metadata @> '{\"k\": \"rare\"}'",
+        ),
+        (
+            "a tag absent from the namespace",
+            ListFilter {
+                tags_all: tags(&["t3"]),
+                ..Default::default()
+            },
+            "m.tags @> ARRAY['t3']",
+        ),
+        (
+            "a rare tag and a created range",
+            ListFilter {
+                tags_any: tags(&["rare"]),
+                created_before: Some(Utc.with_ymd_and_hms(2025, 12, 1, 2, 30, 0).unwrap()),
+                ..Default::default()
+            },
+            "m.tags && ARRAY['rare'] AND m.created_at < '2025-12-01 02:30:00+00'",
+        ),
+    ];
+    for (name, filter, condition) in &cases {
+        let expected = listed_by_scan(&pool, "walk-0", condition).await?;
+        for limit in [2, 50, 200] {
+            let listed = listed_by_pages(&pool, &reader, "walk-0", filter, limit).await?;
+            assert_eq!(
+                listed.len(),
+                expected.len(),
+                "listing by {name}, pages of {limit}: as many as the scan finds"
+            );
+            assert_eq!(listed, expected, "listing by {name}, pages of {limit}");
+        }
+    }
+    env.cleanup().await;
+    Ok(())
+}
