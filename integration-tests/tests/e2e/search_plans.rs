@@ -600,10 +600,6 @@ async fn listings_of_a_large_namespace_find_what_a_scan_finds() -> anyhow::Resul
     // Four namespaces of 1,500: namespace 0 holds the memories i ≡ 0 (mod 4), so tags t0, t4,
     // t8, t12, t16 and metadata k of 0, 2, 4, 6, 8 only.
     search_fixture::build(&pool, "walk-", 6_000, 4, DIMENSIONS, "english").await?;
-    assert!(
-        6_000 / 4 > queries::LIST_WALK,
-        "the namespace must be larger than the walk"
-    );
     sqlx::query(
         "INSERT INTO memories (memory_id, namespace, content, tier, tags, metadata, importance, version,
                                actor, created_by, created_at, updated_at, log_partition, log_offset)
@@ -615,6 +611,11 @@ async fn listings_of_a_large_namespace_find_what_a_scan_finds() -> anyhow::Resul
     .execute(&pool)
     .await?;
     sqlx::raw_sql("ANALYZE memories").execute(&pool).await?;
+    let large = listed_by_scan(&pool, "walk-0", "true").await?.len() as i64;
+    assert!(
+        large > queries::LIST_WALK,
+        "the namespace ({large}) must be larger than the walk"
+    );
     let reader = Reader::agent("walk-0");
     let tags = |t: &[&str]| Some(t.iter().map(|t| (*t).to_owned()).collect::<Vec<_>>());
     let cases: Vec<(&str, ListFilter, &str)> = vec![
