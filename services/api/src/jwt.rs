@@ -589,6 +589,8 @@ mod tests {
     const OTHER_PUB: &str = fixture!("rsa-other.pub.pem");
     const EC_KEY: &str = fixture!("ec-signer.key.pem");
     const EC_PUB: &str = fixture!("ec-signer.pub.pem");
+    const ED_KEY: &str = fixture!("ed-signer.key.pem");
+    const ED_PUB: &str = fixture!("ed-signer.pub.pem");
 
     const ISSUER: &str = "https://idp.test";
     const AUDIENCE: &str = "memos";
@@ -619,6 +621,7 @@ mod tests {
     fn jwk(kid: &str, pem: &str, alg: Algorithm) -> Value {
         let key = match alg.family() {
             AlgorithmFamily::Ec => EncodingKey::from_ec_pem(pem.as_bytes()).unwrap(),
+            AlgorithmFamily::Ed => EncodingKey::from_ed_pem(pem.as_bytes()).unwrap(),
             _ => EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap(),
         };
         let mut jwk = Jwk::from_encoding_key(&key, alg).unwrap();
@@ -904,6 +907,43 @@ mod tests {
                 .verify(&token)
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn ed25519_keys_verify_eddsa_tokens_from_a_jwks_or_a_key_file() {
+        let jwks = json!({"keys": [jwk("d", ED_KEY, Algorithm::EdDSA)]});
+        let mut config = config(&[JwtAlgorithm::EdDSA]);
+        config.jwks_file = Some(temp_file("jwks.json", &jwks.to_string()));
+        let v = JwtVerifier::from_config(&config).unwrap();
+        assert_eq!(v.family(), AlgorithmFamily::Ed);
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some("d".into());
+        let c = claims("alice", json!("agent"));
+        let token =
+            jsonwebtoken::encode(&header, &c, &EncodingKey::from_ed_pem(ED_KEY.as_bytes()).unwrap()).unwrap();
+        assert_eq!(v.verify(&token).unwrap().name, "alice");
+
+        let mut with_file = config.clone();
+        with_file.jwks_file = None;
+        with_file.key_file = Some(temp_file("ed.pem", ED_PUB));
+        let from_file = JwtVerifier::from_config(&with_file).unwrap();
+        assert!(from_file.verify(&token).is_ok());
+
+        // The same claims signed by an RSA key under the same kid: refused by both.
+        let mut forged = Header::new(Algorithm::RS256);
+        forged.kid = Some("d".into());
+        let forged = jsonwebtoken::encode(
+            &forged,
+            &c,
+            &EncodingKey::from_rsa_pem(SIGNER_KEY.as_bytes()).unwrap(),
+        )
+        .unwrap();
+        assert!(v.verify(&forged).is_err());
+        assert!(from_file.verify(&forged).is_err());
+        // A tampered EdDSA token (another subject, the original signature): refused.
+        let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
+        parts[1] = URL_SAFE_NO_PAD.encode(claims("mallory", json!("admin")).to_string());
+        assert_eq!(reason(v.verify(&parts.join("."))), "bad_token");
     }
 
     #[test]
